@@ -1,0 +1,1 @@
+"""anomaly-lab: visual anomaly detection research framework."""

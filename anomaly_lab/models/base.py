@@ -1,0 +1,134 @@
+"""The LightningModule base of every method: scoring, normal-data statistics and evaluation steps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from anomaly_lab.data import Batch
+from anomaly_lab.errors import ConfigError
+from anomaly_lab.nn.blur import blur_maps
+
+
+class ScoreOutput(NamedTuple):
+    """image_score [B] (None: take the maximum of the evaluated map); anomaly_map [B, 1, h, w] or None."""
+
+    image_score: Tensor | None
+    anomaly_map: Tensor | None
+
+
+class AnomalyModel(pl.LightningModule):
+    """Base of every anomaly detector.
+
+    A method writes `score` and, when it learns, `training_step` and `configure_optimizers`. Methods
+    that keep statistics of normal data override `fit_normal`; the base runs it once after training
+    (whenever weights changed) and before any validation, test or prediction, on every device, with
+    that device's share of the normal training images. The base owns the validation, test and
+    predict steps: it scores, brings the map to the input size (bilinear), smooths it with a
+    Gaussian of std `map_blur_sigma` (0 turns it off) and hands ``{"image_score", "anomaly_map"}``
+    on to the Evaluator callback.
+
+    Class attributes: `name` (the method's config name), `needs_training` (False: `train` skips the
+    fit loop and only fits normal statistics), `trainer_settings` (Trainer arguments the method
+    requires, applied over the trainer config).
+    """
+
+    name: ClassVar[str] = "anomaly_model"
+    needs_training: ClassVar[bool] = True
+    trainer_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, map_blur_sigma: float = 4.0):
+        super().__init__()
+        self.map_blur_sigma = map_blur_sigma
+        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.register_buffer("normal_fitted", torch.tensor(False))
+        self.fit_normal_seconds = 0.0
+
+    # --- what a method writes -------------------------------------------------------------------
+    def score(self, images: Tensor) -> ScoreOutput:
+        raise NotImplementedError
+
+    def fit_normal(self, dataloader: DataLoader) -> None:
+        """Fit statistics of normal data; combine devices with `sum_across_devices` or `gather_across_devices`."""
+
+    # --- scoring at evaluation size -------------------------------------------------------------
+    def forward(self, images: Tensor) -> ScoreOutput:
+        """Scores with the map at the input size and smoothed: what the evaluation sees."""
+        out = self.score(images)
+        anomaly_map = out.anomaly_map
+        if anomaly_map is not None:
+            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            anomaly_map = blur_maps(anomaly_map, self.map_blur_sigma)
+        image_score = out.image_score
+        if image_score is None:
+            if anomaly_map is None:
+                raise RuntimeError(f"{type(self).__name__}.score returned neither an image score nor a map")
+            image_score = anomaly_map.flatten(1).amax(dim=1)
+        return ScoreOutput(image_score, anomaly_map)
+
+    def _evaluation_step(self, batch: Batch) -> dict[str, Tensor | None]:
+        out = self(batch.image)
+        return {"image_score": out.image_score, "anomaly_map": out.anomaly_map}
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor | None]:
+        return self._evaluation_step(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor | None]:
+        return self._evaluation_step(batch)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        return {**self._evaluation_step(batch), "path": batch.path}
+
+    # --- normal statistics, fitted lazily once the weights are final ----------------------------
+    @property
+    def has_normal_statistics(self) -> bool:
+        return type(self).fit_normal is not AnomalyModel.fit_normal
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.normal_fitted.fill_(False)  # the weights changed: the statistics must be fitted again
+
+    def on_validation_start(self) -> None:
+        self._ensure_normal_fitted()
+
+    def on_test_start(self) -> None:
+        self._ensure_normal_fitted()
+
+    def on_predict_start(self) -> None:
+        self._ensure_normal_fitted()
+
+    def _ensure_normal_fitted(self) -> None:
+        if not self.has_normal_statistics or bool(self.normal_fitted):
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "normal_dataloader"):
+            raise ConfigError(
+                f"{self.name} must fit statistics of normal images before scoring: pass the datamodule "
+                "(trainer.validate/test(model, datamodule=...)) or a checkpoint whose statistics are fitted"
+            )
+        start = time.perf_counter()
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            self.fit_normal(datamodule.normal_dataloader(self.global_rank, self.trainer.world_size))
+        self.train(was_training)
+        self.normal_fitted.fill_(True)
+        self.fit_normal_seconds += time.perf_counter() - start
+
+    def sum_across_devices(self, tensor: Tensor) -> Tensor:
+        """Sum a tensor over all devices (identity on one device or without a Trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def gather_across_devices(self, tensor: Tensor) -> Tensor:
+        """Concatenate a tensor's first dimension over all devices (identity on one device or without a Trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.all_gather(tensor).flatten(0, 1)

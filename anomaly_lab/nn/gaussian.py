@@ -1,0 +1,79 @@
+"""Per-position multivariate Gaussians of feature maps and the Mahalanobis distance to them.
+
+PaDiM and FYD (Eq. 6-7 of Zheng et al.) model the normal features at every position (i, j) of a
+feature map with N(mu_ij, Sigma_ij) and score a test feature by its Mahalanobis distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class PositionalGaussian(nn.Module):
+    """One Gaussian per spatial position, fitted by streaming sums.
+
+    `update` adds a batch of feature maps [B, D, H, W] to running float64 sums (count, sum and sum of
+    outer products per position), so memory does not grow with the number of images. `finalize`
+    turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM), stored as
+    buffers that travel with checkpoints.
+    """
+
+    def __init__(self, covariance_eps: float = 0.01):
+        super().__init__()
+        self.covariance_eps = covariance_eps
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("inv_covariance", torch.empty(0))
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = 0
+        self._sum: Tensor | None = None
+        self._outer: Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    @torch.no_grad()
+    def update(self, features: Tensor) -> None:
+        x = features.flatten(2).permute(2, 0, 1).double()  # [P, B, D]
+        if self._sum is None:
+            positions, _, dims = x.shape
+            self._sum = x.new_zeros(positions, dims)
+            self._outer = x.new_zeros(positions, dims, dims)
+        self._count += x.shape[1]
+        self._sum += x.sum(dim=1)
+        self._outer += torch.einsum("pbd,pbe->pde", x, x)
+
+    @torch.no_grad()
+    def finalize(self, reduce_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
+        """Mean and inverse covariance (Eq. 6, unbiased) from the sums, reduced over devices by `reduce_sum`."""
+        if self._sum is None:
+            raise RuntimeError("PositionalGaussian.finalize called before any update")
+        count = reduce_sum(torch.tensor(float(self._count), dtype=torch.float64, device=self._sum.device))
+        total, outer = reduce_sum(self._sum), reduce_sum(self._outer)
+        if count < 2:
+            raise ValueError(f"a Gaussian needs at least 2 normal images, got {int(count)}")
+        mean = total / count
+        covariance = (outer - count * torch.einsum("pd,pe->pde", mean, mean)) / (count - 1)
+        covariance += self.covariance_eps * torch.eye(mean.shape[1], dtype=torch.float64, device=mean.device)
+        self.mean = mean.float()
+        self.inv_covariance = torch.linalg.inv(covariance).float()
+        self.reset()
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Mahalanobis distance (Eq. 7) of each position of [B, D, H, W] features: returns [B, H, W]."""
+        batch, _, height, width = features.shape
+        delta = features.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # [P, B, D]
+        squared = torch.einsum("pbd,pde,pbe->pb", delta, self.inv_covariance, delta)
+        return squared.clamp_min(0).sqrt().T.reshape(batch, height, width)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The buffers are empty until fitted: take the shapes of the checkpoint's tensors.
+        for name in ("mean", "inv_covariance"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

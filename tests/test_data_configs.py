@@ -1,0 +1,50 @@
+"""The data configs: one file per MVTec category and BTAD product, shared keys land in `data`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from anomaly_lab.data import BTAD_CATEGORIES, MVTEC_CATEGORIES, SyntheticDataModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+pytestmark = pytest.mark.skipif(not (CONF / "train.yaml").is_file(), reason="conf/train.yaml not written yet")
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_category_folders_hold_exactly_the_categories():
+    assert sorted(p.stem for p in (CONF / "data" / "mvtec").glob("*.yaml")) == sorted(MVTEC_CATEGORIES)
+    assert sorted(p.stem for p in (CONF / "data" / "btad").glob("*.yaml")) == list(BTAD_CATEGORIES)
+
+
+@pytest.mark.parametrize(
+    ("data", "target", "category", "subfolder"),
+    [("mvtec/screw", "MVTecDataModule", "screw", "mvtec"), ("btad/02", "BTADDataModule", "02", "btad")],
+)
+def test_shared_base_keys_land_in_data(tmp_path, data, target, category, subfolder):
+    cfg = compose_train([f"data={data}", f"paths.data_root={tmp_path}", "seed=7"])
+    assert cfg.data._target_ == f"anomaly_lab.data.{target}"
+    assert (cfg.data.category, cfg.data.image_size, cfg.data.seed) == (category, 256, 7)
+    assert cfg.data.root == str(tmp_path / subfolder) and cfg.data.train_augmentations is None
+    assert "_base" not in cfg and "category" not in cfg
+
+
+def test_data_root_can_be_set_alone_and_augmentations_come_from_config(tmp_path):
+    cfg = compose_train(
+        [
+            "data=synthetic/object",
+            f"data.root={tmp_path}",
+            "data.train_augmentations=[{_target_: albumentations.HorizontalFlip, p: 0.5}]",
+        ]
+    )
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, SyntheticDataModule) and dm.root == tmp_path and dm.category == "object"
+    assert type(dm.train_augmentations[0]).__name__ == "HorizontalFlip"
