@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if model.needs_training:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     trainer.test(model, datamodule=datamodule, verbose=False)
     return _finish(cfg, trainer, writer)
 
@@ -100,6 +100,9 @@ def _trainer(cfg: DictConfig, model: AnomalyModel, datamodule, output_dir: Path)
     callbacks += [instantiate(cfg.evaluator), writer]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **model.trainer_settings)
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams({k: hyperparameters.get(k) for k in ("model", "data", "trainer", "seed", "tags")})
     return trainer, writer
 
 
