@@ -1,0 +1,46 @@
+"""The one batch type every datamodule yields and every model consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """A batch of images with their ground truth.
+
+    image: float [B, C, H, W], normalised.
+    label: long [B], 0 normal, 1 anomalous.
+    mask: float [B, 1, H, W] with 1 = anomalous pixel, or None for datasets without pixel ground truth.
+    path: the source file of each image (or a dataset-specific identifier).
+    target: long [B] class index for one-vs-all datasets, else None.
+
+    Lightning moves dataclasses to the device field by field, so no ``to`` method is needed.
+    """
+
+    image: Tensor
+    label: Tensor
+    mask: Tensor | None = None
+    path: list[str] = field(default_factory=list)
+    target: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @staticmethod
+    def collate(samples: list[dict]) -> Batch:
+        """Stack per-sample dicts (keys: image, label, path, optional mask and target) into a Batch."""
+        masks = [s.get("mask") for s in samples]
+        if any(m is None for m in masks) and not all(m is None for m in masks):
+            raise ValueError("a batch mixes samples with and without masks")
+        targets = [s.get("target") for s in samples]
+        return Batch(
+            image=torch.stack([s["image"] for s in samples]),
+            label=torch.as_tensor([int(s["label"]) for s in samples], dtype=torch.long),
+            mask=None if masks[0] is None else torch.stack(masks).float(),
+            path=[str(s["path"]) for s in samples],
+            target=None if targets[0] is None else torch.as_tensor(targets, dtype=torch.long),
+        )

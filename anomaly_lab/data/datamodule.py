@@ -1,0 +1,151 @@
+"""The datamodule base: normal training images, a held-out normal validation split, a labelled test set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import albumentations as A
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+
+from anomaly_lab.data.batch import Batch
+from anomaly_lab.data.dataset import AnomalyDataset, Sample
+from anomaly_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_size, build_transform, channel_stats
+from anomaly_lab.errors import ConfigError, DataError
+
+
+def split_holdout(count: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, held out) of `count` items: round(val_ratio * count) held out, at least 1, drawn with `seed`."""
+    if count < 2:
+        raise DataError(f"need at least 2 training images to hold one out for validation, found {count}")
+    n_holdout = min(max(1, round(val_ratio * count)), count - 1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_holdout:]), sorted(order[:n_holdout])
+
+
+def _reseed_worker_transform(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream (derived from the loader's seeded generator)."""
+    info = get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
+class AnomalyDataModule(pl.LightningDataModule):
+    """Base of the one-class datasets: subclasses only list their files in `find_samples`.
+
+    Train: the training normals minus a validation holdout (`val_ratio` of them, at least one,
+    drawn with `seed`), with `train_augmentations`. Validation: the holdout. Test and predict: the
+    test set. Every loader yields :class:`Batch`.
+
+    Attributes: `dataset_name`, `category`, `has_masks`, `mean` and `std` (one value per channel,
+    as used by Normalize), `image_size` ((h, w) of the yielded images: `crop_size` when set),
+    `channels`.
+    """
+
+    dataset_name: str = ""
+    has_masks: bool = True
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        image_size: int | Sequence[int] = 256,
+        crop_size: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_ratio: float = 0.1,
+        seed: int = 0,
+        train_augmentations: Sequence[A.BasicTransform] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        channels: int = 3,
+    ):
+        super().__init__()
+        if not 0 <= val_ratio < 1:
+            raise ConfigError(f"data.val_ratio={val_ratio} must be in [0, 1)")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ConfigError(
+                f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1"
+            )
+        self.root = Path(root).expanduser()
+        self.category = str(category)
+        self.resize_size = as_size(image_size, "data.image_size")
+        self.crop_size = None if crop_size is None else as_size(crop_size, "data.crop_size")
+        self.image_size = self.crop_size or self.resize_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_ratio = val_ratio
+        self.seed = seed
+        self.train_augmentations = list(train_augmentations or [])
+        self.channels = channels
+        self.mean = channel_stats(mean, channels, "mean")
+        self.std = channel_stats(std, channels, "std")
+        self.train_set = self.normal_set = self.val_set = self.test_set = None
+
+    def find_samples(self) -> tuple[list[Sample], list[Sample]]:
+        """(training normals, test samples), after checking the folder layout (file listing only)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        normals, test = self.find_samples()
+        kept, held_out = split_holdout(len(normals), self.val_ratio, self.seed)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        train_transform = self._transform(self.train_augmentations, seed=self.seed + rank)
+        eval_transform = self._transform([])
+        fit_normals = [normals[i] for i in kept]
+        self.train_set = AnomalyDataset(fit_normals, train_transform, self.has_masks)
+        self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks)
+        self.val_set = AnomalyDataset([normals[i] for i in held_out], eval_transform, self.has_masks)
+        self.test_set = AnomalyDataset(test, eval_transform, self.has_masks)
+
+    def _transform(self, augmentations: list[A.BasicTransform], seed: int | None = None) -> A.Compose:
+        return build_transform(
+            self.resize_size, self.crop_size, augmentations, self.mean, self.std, self.channels, seed
+        )
+
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
+        self._require_setup()
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=Batch.collate,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.train_set,
+            self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_reseed_worker_transform,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def normal_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The training normals (holdout excluded) with the eval transform, in order; this rank's shard
+        is every `world_size`-th image from `rank`, so the shards cover the set exactly once."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self._require_setup()
+        shard = Subset(self.normal_set, range(rank, len(self.normal_set), world_size))
+        return self._loader(shard, self.eval_batch_size)
