@@ -1,8 +1,10 @@
-"""The datamodule base: normal training images, a held-out normal validation split, a labelled test set."""
+"""The datamodule base: normal training images (plus, optionally, labelled anomalies), a held-out
+normal validation split, a labelled test set."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -25,6 +27,34 @@ def split_holdout(count: int, val_ratio: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_holdout:]), sorted(order[:n_holdout])
 
 
+def labelled_anomaly_count(n_normal: int, ratio: float) -> int:
+    """How many labelled anomalies make the fraction `ratio` (gamma) of a training set holding `n_normal`
+    normals: round(ratio / (1 - ratio) * n_normal), so that anomalies / (normals + anomalies) ~ ratio."""
+    return round(ratio / (1 - ratio) * n_normal)
+
+
+def draw_labelled_anomalies(pool: Sequence[Sample], count: int, seed: int) -> list[Sample]:
+    """`count` samples of `pool` drawn uniformly without replacement with `seed`, in pool order."""
+    if count > len(pool):
+        raise DataError(
+            f"data.anomaly_ratio asks for {count} labelled anomalies but only {len(pool)} are available for training"
+        )
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pool[i] for i in sorted(order[:count])]
+
+
+@dataclass
+class SampleSplit:
+    """What `find_samples` lists: training normals, test samples, candidate labelled anomalies for the
+    semi-supervised setting (label 1, drawn per `anomaly_ratio`), and explicit validation normals
+    (None: a holdout of the training normals)."""
+
+    normals: list[Sample]
+    test: list[Sample]
+    anomaly_pool: list[Sample] = field(default_factory=list)
+    validation: list[Sample] | None = None
+
+
 def _reseed_worker_transform(worker_id: int) -> None:
     """Give each loader worker its own augmentation stream (derived from the loader's seeded generator)."""
     info = get_worker_info()
@@ -32,11 +62,17 @@ def _reseed_worker_transform(worker_id: int) -> None:
 
 
 class AnomalyDataModule(pl.LightningDataModule):
-    """Base of the one-class datasets: subclasses only list their files in `find_samples`.
+    """Base of the datasets: subclasses only list their samples in `find_samples`.
 
     Train: the training normals minus a validation holdout (`val_ratio` of them, at least one,
-    drawn with `seed`), with `train_augmentations`. Validation: the holdout. Test and predict: the
-    test set. Every loader yields :class:`Batch`.
+    drawn with `seed`), with `train_augmentations`. Validation: the holdout (or the subclass's own
+    validation normals). Test and predict: the test set. Every loader yields :class:`Batch`.
+
+    Semi-supervised setting: with `anomaly_ratio` (gamma) > 0, labelled anomalies (label 1 in the
+    Batch) drawn from the subclass's anomaly pool with `sample_seed` (default: `seed`) join the
+    training loader, as the fraction gamma of it (see `labelled_anomaly_count`). They never join the
+    validation holdout (thresholds come from normal images only) nor `normal_dataloader` (statistics of
+    normal data). gamma = 0 is the one-class setting.
 
     Attributes: `dataset_name`, `category`, `has_masks`, `mean` and `std` (one value per channel,
     as used by Normalize), `image_size` ((h, w) of the yielded images: `crop_size` when set),
@@ -61,10 +97,17 @@ class AnomalyDataModule(pl.LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         channels: int = 3,
+        anomaly_ratio: float = 0.0,
+        sample_seed: int | None = None,
     ):
         super().__init__()
         if not 0 <= val_ratio < 1:
             raise ConfigError(f"data.val_ratio={val_ratio} must be in [0, 1)")
+        if not 0 <= anomaly_ratio < 1:
+            raise ConfigError(
+                f"data.anomaly_ratio={anomaly_ratio} must be in [0, 1): the fraction of labelled anomalies "
+                "in the training set (0 = one-class)"
+            )
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError(
                 f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1"
@@ -79,29 +122,48 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_ratio = val_ratio
         self.seed = seed
+        self.anomaly_ratio = anomaly_ratio
+        self.sample_seed = seed if sample_seed is None else sample_seed
         self.train_augmentations = list(train_augmentations or [])
         self.channels = channels
         self.mean = channel_stats(mean, channels, "mean")
         self.std = channel_stats(std, channels, "std")
         self.train_set = self.normal_set = self.val_set = self.test_set = None
 
-    def find_samples(self) -> tuple[list[Sample], list[Sample]]:
-        """(training normals, test samples), after checking the folder layout (file listing only)."""
+    def find_samples(self) -> SampleSplit | tuple[list[Sample], list[Sample]]:
+        """A :class:`SampleSplit`, or (training normals, test samples), after checking the layout."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        normals, test = self.find_samples()
-        kept, held_out = split_holdout(len(normals), self.val_ratio, self.seed)
+        found = self.find_samples()
+        split = found if isinstance(found, SampleSplit) else SampleSplit(*found)
+        if split.validation is None:
+            kept, held_out = split_holdout(len(split.normals), self.val_ratio, self.seed)
+            fit_normals = [split.normals[i] for i in kept]
+            validation = [split.normals[i] for i in held_out]
+        else:
+            fit_normals, validation = split.normals, split.validation
+        anomalies = self._labelled_anomalies(split.anomaly_pool, len(fit_normals))
         rank = self.trainer.global_rank if self.trainer is not None else 0
         train_transform = self._transform(self.train_augmentations, seed=self.seed + rank)
         eval_transform = self._transform([])
-        fit_normals = [normals[i] for i in kept]
-        self.train_set = AnomalyDataset(fit_normals, train_transform, self.has_masks)
+        self.train_set = AnomalyDataset(fit_normals + anomalies, train_transform, self.has_masks)
         self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks)
-        self.val_set = AnomalyDataset([normals[i] for i in held_out], eval_transform, self.has_masks)
-        self.test_set = AnomalyDataset(test, eval_transform, self.has_masks)
+        self.val_set = AnomalyDataset(validation, eval_transform, self.has_masks)
+        self.test_set = AnomalyDataset(split.test, eval_transform, self.has_masks)
+
+    def _labelled_anomalies(self, pool: list[Sample], n_normal: int) -> list[Sample]:
+        if self.anomaly_ratio == 0:
+            return []
+        if not pool:
+            raise ConfigError(
+                f"data.anomaly_ratio={self.anomaly_ratio} needs labelled anomalies for training, and "
+                f"{self.dataset_name or type(self).__name__}/{self.category} has none: use a one-vs-all or "
+                "WMCA dataset, or anomaly_ratio=0"
+            )
+        return draw_labelled_anomalies(pool, labelled_anomaly_count(n_normal, self.anomaly_ratio), self.sample_seed)
 
     def _transform(self, augmentations: list[A.BasicTransform], seed: int | None = None) -> A.Compose:
         return build_transform(

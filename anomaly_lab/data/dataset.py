@@ -1,8 +1,8 @@
-"""Image files on disk -> transformed sample dicts {image, label, path, mask?}."""
+"""Images (files on disk or arrays in memory) -> transformed sample dicts {image, label, path, mask?, target?}."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -18,11 +18,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file, its label (0 normal, 1 anomalous) and its mask file (None: no anomalous pixel)."""
+    """One image, its label (0 normal, 1 anomalous) and its mask file (None: no anomalous pixel).
+
+    `image_path` is the image file, or, when `pixels` holds the image in memory (RGB uint8 [H, W, 3],
+    e.g. one CIFAR image of a pickle), an identifier `<source file>/<index>` that is not read.
+    `target`: the class index (one-vs-all datasets), passed on to `Batch.target`.
+    `box`: (left, top, width, height) in pixels; the image is cropped to it after reading (datasets
+    without masks: masks are not cropped).
+    """
 
     image_path: Path
     label: int
     mask_path: Path | None = None
+    target: int | None = None
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    box: tuple[int, int, int, int] | None = None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -43,6 +53,14 @@ def _decode(path: Path, flags: int) -> np.ndarray:
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 [H, W, 3]; grayscale files are repeated over the three channels."""
     return cv2.cvtColor(_decode(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """`image` cut to `box` (left, top, width, height), clipped to the image; at least one pixel."""
+    height, width = image.shape[:2]
+    left, top = min(max(0, box[0]), width - 1), min(max(0, box[1]), height - 1)
+    right, bottom = min(width, max(left + 1, box[0] + box[2])), min(height, max(top + 1, box[1] + box[3]))
+    return image[top:bottom, left:right]
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -67,8 +85,12 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image = read_image(sample.image_path)
+        image = read_image(sample.image_path) if sample.pixels is None else sample.pixels
+        if sample.box is not None:
+            image = crop(image, sample.box)
         item = {"label": sample.label, "path": str(sample.image_path)}
+        if sample.target is not None:
+            item["target"] = sample.target
         if not self.with_masks:
             item["image"] = self.transform(image=image)["image"]
             return item

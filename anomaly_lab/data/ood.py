@@ -1,0 +1,100 @@
+"""Out-of-distribution detection (AnoMem, Sec. 4.1 and Table 2): CIFAR-10 in-distribution against
+SVHN, LSUN or CIFAR-100.
+
+Training: every CIFAR-10 training image (minus the validation holdout) is normal. Test: the CIFAR-10
+test set (label 0) and the whole test set of the other dataset (label 1). No pixel ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from anomaly_lab.data.cifar import CIFAR10_FILES, cifar10_samples, cifar100_samples, download_cifar
+from anomaly_lab.data.datamodule import AnomalyDataModule, SampleSplit
+from anomaly_lab.data.dataset import IMAGE_EXTENSIONS, Sample
+from anomaly_lab.data.one_vs_all import require_file, torchvision_download
+from anomaly_lab.errors import ConfigError, DataError
+
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_LAYOUT = "<root>/test_32x32.mat (format 2, cropped digits: X [32, 32, 3, N] uint8, y [N, 1]), as torchvision's SVHN"
+LSUN_URL = "https://github.com/facebookresearch/odin (LSUN_resize.tar.gz: the LSUN test set resized to 32x32)"
+LSUN_LAYOUT = "<root>/**/*.jpg|png: a folder of images, e.g. the extracted LSUN_resize.tar.gz"
+OOD_DATASETS = ("svhn", "lsun", "cifar100")
+
+
+def svhn_samples(root: Path) -> list[Sample]:
+    """The SVHN test images (label 1) of torchvision's `test_32x32.mat`."""
+    from scipy.io import loadmat
+
+    path = require_file(root / "test_32x32.mat", "SVHN", SVHN_LAYOUT, SVHN_URL, "svhn", "data.ood_root")
+    try:
+        images = np.ascontiguousarray(loadmat(path)["X"].transpose(3, 0, 1, 2), dtype=np.uint8)
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"cannot read SVHN file {path} (expected {SVHN_LAYOUT}): {error!r}") from error
+    return [Sample(path / f"{i:05d}", 1, pixels=image) for i, image in enumerate(images)]
+
+
+def lsun_samples(root: Path) -> list[Sample]:
+    """Every image file under `root` (any depth, sorted by path), label 1."""
+    if not root.is_dir():
+        raise DataError(
+            f"LSUN folder {root} not found (expected {LSUN_LAYOUT}). The resized LSUN test set is published at "
+            f"{LSUN_URL}: extract it and set data.ood_root=<that folder> or paths.data_root=<a folder holding lsun/>"
+        )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root} (expected {LSUN_LAYOUT})")
+    return [Sample(p, 1) for p in files]
+
+
+class OODDataModule(AnomalyDataModule):
+    """CIFAR-10 (`root`: the cifar-10-batches-py folder) against `ood_dataset` (svhn, lsun or cifar100,
+    read from `ood_root`: the folder holding test_32x32.mat, the LSUN image folder, or cifar-100-python).
+    `category` is `cifar10_<ood_dataset>`. `download=True` fetches CIFAR-10 and a missing SVHN or
+    CIFAR-100 with torchvision (LSUN has no such download)."""
+
+    dataset_name = "ood"
+    has_masks = False
+
+    def __init__(
+        self, root: str, ood_root: str, ood_dataset: str = "svhn", image_size=32, *, download: bool = False, **kwargs
+    ):
+        if ood_dataset not in OOD_DATASETS:
+            raise ConfigError(f"data.ood_dataset={ood_dataset!r} is unknown: choose one of {', '.join(OOD_DATASETS)}")
+        super().__init__(root, f"cifar10_{ood_dataset}", image_size, **kwargs)
+        self.ood_dataset = ood_dataset
+        self.ood_root = Path(ood_root).expanduser()
+        self.download = download
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        if not all((self.root / n).is_file() for names in CIFAR10_FILES.values() for n in names):
+            download_cifar(self.root, "cifar10")
+        if self.ood_dataset == "cifar100" and not (self.ood_root / "test").is_file():
+            download_cifar(self.ood_root, "cifar100")
+        elif self.ood_dataset == "svhn" and not (self.ood_root / "test_32x32.mat").is_file():
+            from torchvision import datasets
+
+            torchvision_download(
+                lambda: datasets.SVHN(str(self.ood_root), split="test", download=True), "SVHN", self.ood_root, SVHN_URL
+            )
+
+    def ood_samples(self) -> list[Sample]:
+        if self.ood_dataset == "svhn":
+            return svhn_samples(self.ood_root)
+        if self.ood_dataset == "lsun":
+            return lsun_samples(self.ood_root)
+        return relabel(cifar100_samples(self.ood_root, "test", option="data.ood_root"), 1)
+
+    def find_samples(self) -> SampleSplit:
+        normals = relabel(cifar10_samples(self.root, "train"), 0)
+        return SampleSplit(normals, relabel(cifar10_samples(self.root, "test"), 0) + self.ood_samples())
+
+
+def relabel(samples: list[Sample], label: int) -> list[Sample]:
+    """`samples` with `label` and no class target (the OoD protocol has two classes: in and out)."""
+    return [replace(s, label=label, target=None) for s in samples]
