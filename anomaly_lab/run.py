@@ -14,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -52,7 +53,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not run_config.is_file():
         raise ConfigError(f"{run_config} not found: ckpt_path must lie in <run>/checkpoints/ of a training run")
     run_cfg = OmegaConf.load(run_config)
-    for key in ("paths", "trainer", "logger", "callbacks", "task_name", "ckpt_path", "hydra"):
+    # The run's model, data, evaluator and callbacks (e.g. a method's own protocol) are kept.
+    for key in ("paths", "trainer", "logger", "task_name", "ckpt_path", "hydra"):
         run_cfg.pop(key, None)
     OmegaConf.set_struct(cfg, False)  # the run's keys (model, data, seed, ...) join the eval config
     cfg = OmegaConf.merge(cfg, run_cfg, cfg.overrides)
@@ -76,7 +78,11 @@ def entry_point(task):
     def run(cfg: DictConfig) -> float | None:
         try:
             metrics = task(cfg)
-        except AnomalyLabError as error:
+        except (AnomalyLabError, InstantiationException) as error:
+            if isinstance(error, InstantiationException):  # raised in a constructor Hydra called
+                if not isinstance(error.__cause__, AnomalyLabError):
+                    raise
+                error = error.__cause__
             message = user_message(error)
             log.error(message)
             print(f"error: {message}", file=sys.stderr)
@@ -112,6 +118,9 @@ def _metadata(cfg: DictConfig, model: AnomalyModel, datamodule) -> dict[str, Any
         "model": model.name,
         "data": getattr(datamodule, "dataset_name", type(datamodule).__name__),
         "category": getattr(datamodule, "category", None),
+        # One-vs-all and semi-supervised runs of one dataset differ by these.
+        **{key: getattr(datamodule, key) for key in ("normal_class", "anomaly_ratio", "sample_seed")
+           if hasattr(datamodule, key)},
         "seed": cfg.seed,
         "config": {group: choices.get(group) for group in ("model", "data", "trainer", "experiment")},
         "git_commit": git_commit(Path(__file__).parent),

@@ -93,3 +93,13 @@ def test_blur_smooths_and_keeps_the_mass():
     assert smooth.sum().item() == pytest.approx(1.0, abs=1e-4)
     assert torch.equal(blur_maps(spike, 0.0), spike)
 
+
+
+def test_separable_blur_equals_the_full_two_dimensional_convolution():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    maps = torch.rand(2, 1, 40, 52, generator=torch.Generator().manual_seed(0))
+    sigma = 4.0
+    kernel = 2 * 16 + 1  # truncated at 4 sigma, as blur_maps does
+    expected = gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    torch.testing.assert_close(blur_maps(maps, sigma), expected, atol=1e-5, rtol=1e-5)

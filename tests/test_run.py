@@ -135,3 +135,10 @@ def test_unreadable_image_read_in_a_worker_stops_with_its_path(make_mvtec_tree, 
     assert last_line.startswith("error: ") and str(broken) in last_line
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "logs").rglob("metrics.json"))
+
+
+def test_bad_option_value_in_a_constructor_stops_with_its_message(tmp_path):
+    result = run_script("train.py", "data.val_ratio=1.5", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: data.val_ratio=1.5 must be in [0, 1)"
+    assert "Traceback" not in result.stderr

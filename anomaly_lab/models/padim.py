@@ -53,8 +53,18 @@ class Padim(AnomalyModel):
         self.gaussian = PositionalGaussian(covariance_eps)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Concatenated multi-layer features with the selected channels: [B, D, H/4, W/4]."""
-        return concat_pyramid(self.extractor(images)).index_select(1, self.channel_index)
+        """Concatenated multi-layer features with the selected channels: [B, D, H/4, W/4].
+
+        Each layer gives its selected channels before upsampling, so that only those are upsampled
+        and copied; `channel_index` is sorted, so the order is that of the full concatenation.
+        """
+        selected, start = [], 0
+        for features in self.extractor(images):
+            end = start + features.shape[1]
+            index = self.channel_index[(self.channel_index >= start) & (self.channel_index < end)] - start
+            selected.append(features.index_select(1, index))
+            start = end
+        return concat_pyramid(selected)
 
     def fit_normal(self, dataloader: DataLoader) -> None:
         self.gaussian.reset()

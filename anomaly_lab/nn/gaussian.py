@@ -16,10 +16,13 @@ class PositionalGaussian(nn.Module):
     """One Gaussian per spatial position, fitted by streaming sums.
 
     `update` adds a batch of feature maps [B, D, H, W] to running float64 sums (count, sum and sum of
-    outer products per position), so memory does not grow with the number of images. `finalize`
-    turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM), stored as
-    buffers that travel with checkpoints.
+    outer products per position), in place, so memory does not grow with the number of images.
+    `finalize` turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM),
+    stored as float32 buffers that travel with checkpoints; it works in place on the sums and
+    inverts `inverse_chunk` positions at a time, so its peak is the sums plus the float32 inverse.
     """
+
+    inverse_chunk = 512
 
     def __init__(self, covariance_eps: float = 0.01):
         super().__init__()
@@ -39,14 +42,15 @@ class PositionalGaussian(nn.Module):
 
     @torch.no_grad()
     def update(self, features: Tensor) -> None:
-        x = features.flatten(2).permute(2, 0, 1).double()  # [P, B, D]
+        # [P, B, D], contiguous: batched products over a strided view are several times slower.
+        x = features.flatten(2).permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
         if self._sum is None:
             positions, _, dims = x.shape
             self._sum = x.new_zeros(positions, dims)
             self._outer = x.new_zeros(positions, dims, dims)
         self._count += x.shape[1]
         self._sum += x.sum(dim=1)
-        self._outer += torch.einsum("pbd,pbe->pde", x, x)
+        self._outer.baddbmm_(x.transpose(1, 2), x)  # += x^T x per position, without a temporary
 
     @torch.no_grad()
     def finalize(self, reduce_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
@@ -58,17 +62,23 @@ class PositionalGaussian(nn.Module):
         if count < 2:
             raise ValueError(f"a Gaussian needs at least 2 normal images, got {int(count)}")
         mean = total / count
-        covariance = (outer - count * torch.einsum("pd,pe->pde", mean, mean)) / (count - 1)
-        covariance += self.covariance_eps * torch.eye(mean.shape[1], dtype=torch.float64, device=mean.device)
+        # Sigma = (sum x x^T - n mu mu^T) / (n - 1) + eps I, overwriting the sum of outer products.
+        covariance = outer.baddbmm_(mean.unsqueeze(2), mean.unsqueeze(1), alpha=-float(count)).div_(count - 1)
+        covariance.diagonal(dim1=1, dim2=2).add_(self.covariance_eps)
+        inv_covariance = torch.empty(covariance.shape, dtype=torch.float32, device=covariance.device)
+        for start in range(0, covariance.shape[0], self.inverse_chunk):
+            chunk = slice(start, start + self.inverse_chunk)
+            inv_covariance[chunk] = torch.linalg.inv(covariance[chunk])
         self.mean = mean.float()
-        self.inv_covariance = torch.linalg.inv(covariance).float()
+        self.inv_covariance = inv_covariance
         self.reset()
 
     def forward(self, features: Tensor) -> Tensor:
         """Mahalanobis distance (Eq. 7) of each position of [B, D, H, W] features: returns [B, H, W]."""
         batch, _, height, width = features.shape
-        delta = features.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # [P, B, D]
-        squared = torch.einsum("pbd,pde,pbe->pb", delta, self.inv_covariance, delta)
+        delta = features.flatten(2).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)  # [P, B, D]
+        delta -= self.mean.unsqueeze(1)
+        squared = torch.bmm(delta, self.inv_covariance).mul_(delta).sum(dim=2)
         return squared.clamp_min(0).sqrt().T.reshape(batch, height, width)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
