@@ -251,3 +251,9 @@ def test_fyd_detects_synthetic_defects(tmp_path):
     assert metrics["image_auroc"] >= 0.9
     assert metrics["distance_variance"] > 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cifar10_experiment_composes_one_job_per_normal_class(tmp_path):
+    cfg = compose_config("train", ["experiment=fyd_cifar10"], output_dir=tmp_path)
+    assert cfg.model._target_ == "anomaly_lab.models.FYD" and cfg.model.backbone_weights == "IMAGENET1K_V1"
+    assert cfg.data._target_ == "anomaly_lab.data.CIFAR10DataModule" and cfg.data.image_size == 224
