@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def run_method(method: str, category_dir: str, seed: int, epochs: int, num_worke
     import pytorch_lightning as pl
     from measure import peak_rss_mb
 
+    from anomaly_lab.callbacks import ResultsWriter
     from anomaly_lab.data import MVTecDataModule
     from anomaly_lab.evaluation import Evaluator
     from anomaly_lab.models import FYD, Padim
@@ -48,8 +50,10 @@ def run_method(method: str, category_dir: str, seed: int, epochs: int, num_worke
         model = Padim(backbone="resnet18", backbone_weights=None, n_features=100, seed=seed)
     baseline = peak_rss_mb()
     evaluator = Evaluator()
+    scratch = Path(tempfile.mkdtemp())
+    writer = ResultsWriter(scratch / "metrics.json", {})  # its scoring time is what metrics.json reports
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluator],
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluator, writer],
                          max_epochs=epochs, check_val_every_n_epoch=max(epochs, 1), **model.trainer_settings)
     fit_seconds = 0.0
     if model.needs_training:
@@ -60,6 +64,8 @@ def run_method(method: str, category_dir: str, seed: int, epochs: int, num_worke
     start = time.perf_counter()
     trainer.test(model, datamodule=datamodule)
     test_seconds = time.perf_counter() - start
+    scoring_seconds = json.loads((scratch / "metrics.json").read_text())["scoring_seconds"]
+    shutil.rmtree(scratch)
     result = {
         "method": method,
         "seed": seed,
@@ -70,8 +76,9 @@ def run_method(method: str, category_dir: str, seed: int, epochs: int, num_worke
         "epochs": epochs if model.needs_training else 0,
         "fit_normal_seconds": model.fit_normal_seconds,
         "test_images": len(datamodule.test_set),
-        "test_seconds": test_seconds,
-        "test_images_per_second": len(datamodule.test_set) / test_seconds,
+        "test_seconds": test_seconds,  # the whole test stage, with the metrics computed at its end
+        "scoring_seconds": scoring_seconds,
+        "test_images_per_second": len(datamodule.test_set) / scoring_seconds,
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -143,7 +150,9 @@ def markdown(record: dict) -> str:
         ("pixel AUROC", f"{fyd['pixel_auroc']:.4f}", f"{padim['pixel_auroc']:.4f}"),
         ("pixel AUPRO (FPR 0.3)", f"{fyd['pixel_aupro']:.4f}", f"{padim['pixel_aupro']:.4f}"),
         ("training images/s", f"{fyd['train_images_per_second']:.2f}", "- (no training)"),
-        ("test images/s", f"{fyd['test_images_per_second']:.2f}", f"{padim['test_images_per_second']:.2f}"),
+        ("test images/s (scoring: decode to map, as metrics.json)", f"{fyd['test_images_per_second']:.2f}",
+         f"{padim['test_images_per_second']:.2f}"),
+        ("whole test stage, s (+ exact metrics at the end)", f"{fyd['test_seconds']:.1f}", f"{padim['test_seconds']:.1f}"),
         ("test images/s / pipeline limit", f"{record['fyd_test_ratio']:.2f}", f"{record['padim_test_ratio']:.2f}"),
         ("scoring forward / bare backbone forward (same batch, same process)",
          f"{fyd['forward_over_bare_backbone']:.2f}", f"{padim['forward_over_bare_backbone']:.2f}"),
