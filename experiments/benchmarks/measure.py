@@ -1,0 +1,245 @@
+"""One measurement per process: `python measure.py <task> <arguments as JSON> <result JSON path>`.
+
+run.py starts each task in a fresh interpreter, so every peak resident set size (`ru_maxrss` of this
+process, loader workers excluded) belongs to that task alone and one task's imports or caches never
+speed up or slow down another. Tasks:
+
+- ours: our PaDiM through our datamodule, Trainer and Evaluator (validate = Gaussian fit +
+  thresholds, then test, timed), then the test loader and the forward alone (timed);
+- fit_memory: only our Gaussian fit on the first `n_images` training normals;
+- references: the pipeline's two limits, bare decoding + resizing and the bare backbone forward
+  (and both at once);
+- peer: anomalib's PaDiM through its MVTecAD datamodule and Engine (fit, then test, timed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+IMAGE_SIZE = 256
+BATCH_SIZE = 16  # for every loader and the bare backbone; see README
+N_FEATURES = 100
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_image_paths(category_dir: Path) -> list[Path]:
+    return sorted(category_dir.glob("test/*/*.png"))
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "anomalib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1) -> dict:
+    """Our run as anomaly_lab.run assembles it: validate (Gaussian fit, thresholds), then test, timed;
+    then the test images through the test loader and the model's forward alone, `repeats` times (median)."""
+    import pytorch_lightning as pl
+    import torch
+
+    from anomaly_lab.data import MVTecDataModule
+    from anomaly_lab.evaluation import Evaluator
+    from anomaly_lab.models import Padim
+
+    category_dir = Path(category_dir)
+    pl.seed_everything(seed, verbose=False)
+    datamodule = MVTecDataModule(category_dir.parent, category_dir.name, image_size=IMAGE_SIZE,
+                                 batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
+    model = Padim(backbone="resnet18", backbone_weights=None, n_features=N_FEATURES, seed=seed)
+    baseline = peak_rss_mb()
+    evaluator = Evaluator()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[evaluator],
+                         **model.trainer_settings)
+    trainer.validate(model, datamodule=datamodule, verbose=False)  # fits the Gaussian, then the thresholds
+    start = time.perf_counter()
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    test_seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+
+    # What trainer.test does without the Evaluator: decoding, resizing, normalising, the forward.
+    model.eval()
+    pipeline_seconds = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in datamodule.test_dataloader():
+                model(batch.image)
+            pipeline_seconds.append(time.perf_counter() - start)
+
+    test_images = len(datamodule.test_set)
+    return {
+        "seed": seed,
+        "image_auroc": evaluator.results["image_auroc"],
+        "pixel_auroc": evaluator.results["pixel_auroc"],
+        "pixel_aupro": evaluator.results["pixel_aupro"],
+        "train_images": len(datamodule.normal_set),
+        "fit_seconds": model.fit_normal_seconds,
+        "test_images": test_images,
+        "test_seconds": test_seconds,
+        "test_images_per_second": test_images / test_seconds,
+        "pipeline_images_per_second": test_images / statistics.median(pipeline_seconds),
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak,
+    }
+
+
+def fit_memory(category_dir: str, n_images: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from anomaly_lab.data import Batch, MVTecDataModule
+    from anomaly_lab.models import Padim
+
+    category_dir = Path(category_dir)
+    # A small holdout so that at least `n_images` normals remain to fit on.
+    datamodule = MVTecDataModule(category_dir.parent, category_dir.name, image_size=IMAGE_SIZE, val_ratio=0.01)
+    datamodule.setup()
+    if len(datamodule.normal_set) < n_images:
+        raise ValueError(f"{category_dir} has {len(datamodule.normal_set)} training normals, {n_images} asked")
+    loader = DataLoader(Subset(datamodule.normal_set, range(n_images)), batch_size=BATCH_SIZE, collate_fn=Batch.collate)
+    model = Padim(backbone="resnet18", backbone_weights=None, n_features=N_FEATURES).eval()
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.fit_normal(loader)
+    return {
+        "train_images": n_images,
+        "fit_seconds": time.perf_counter() - start,
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak_rss_mb(),
+        "increase_mb": peak_rss_mb() - baseline,
+    }
+
+
+def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int = 0) -> dict:
+    """The limits of the test pipeline over the test images, each timed `repeats` times (median):
+
+    - decode_resize: bare decoding + resizing (cv2, in this process, no normalisation, no model);
+    - backbone: the bare forward of torchvision's ResNet-18 conv1 to layer3 (the weights our model
+      gets with `seed`) over the images pre-decoded, normalised and stacked, batch after batch;
+    - with `num_workers` > 0, also bare_pipeline: both at once, as a pipeline does them, decoding in
+      `num_workers` loader processes while the backbone runs (diagnostic, not part of the limit).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.models import resnet18
+
+    paths = test_image_paths(Path(category_dir))
+    decode_seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        images = [decode_resize(path) for path in paths]
+        decode_seconds.append(time.perf_counter() - start)
+    stacked = torch.stack([normalised_tensor(image) for image in images])
+
+    torch.manual_seed(seed)
+    net = resnet18().eval()
+
+    def layers_1_to_3(x: torch.Tensor) -> None:
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        net.layer3(net.layer2(net.layer1(x)))
+
+    def timed(batches) -> list[float]:
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches():
+                layers_1_to_3(batch)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    rates = {"decode_resize_images_per_second": len(paths) / statistics.median(decode_seconds)}
+    with torch.inference_mode():
+        layers_1_to_3(stacked[:BATCH_SIZE])  # warm-up
+        rates["backbone_images_per_second"] = len(paths) / statistics.median(timed(lambda: stacked.split(BATCH_SIZE)))
+        if num_workers:
+            loader = DataLoader(BareImages(paths), batch_size=BATCH_SIZE, num_workers=num_workers)
+            rates["bare_pipeline_images_per_second"] = len(paths) / statistics.median(timed(lambda: loader))
+    return {"seed": seed, "test_images": len(paths), "torch_threads": torch.get_num_threads(), **rates}
+
+
+def decode_resize(path: Path):
+    import cv2
+
+    return cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (IMAGE_SIZE, IMAGE_SIZE))
+
+
+def normalised_tensor(bgr):
+    """A BGR uint8 image as the normalised RGB float tensor [3, H, W] our transforms give."""
+    import torch
+
+    from anomaly_lab.data import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1).float().div(255)
+    return (rgb - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+class BareImages:
+    """The test images decoded, resized and normalised on access: the bare pipeline's dataset."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return normalised_tensor(decode_resize(self.paths[index]))
+
+
+def peer(category_dir: str, seed: int, num_workers: int) -> dict:
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import Padim
+    from lightning.pytorch import seed_everything
+
+    category_dir = Path(category_dir)
+    seed_everything(seed, verbose=False)
+    datamodule = MVTecAD(root=category_dir.parent, category=category_dir.name, train_batch_size=BATCH_SIZE,
+                         eval_batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
+    # Our benchmark runs no visualizer either; anomalib's default pre-processor resizes to 256 x 256.
+    model = Padim(backbone="resnet18", pre_trained=False, n_features=N_FEATURES, visualizer=False)
+    baseline = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as workdir:
+        no_checkpoints = ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False)
+        engine = Engine(accelerator="cpu", devices=1, default_root_dir=workdir, callbacks=[no_checkpoints],
+                        enable_progress_bar=False, enable_model_summary=False)
+        engine.fit(model, datamodule=datamodule)
+        start = time.perf_counter()
+        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+        test_seconds = time.perf_counter() - start
+    test_images = len(datamodule.test_data)
+    return {
+        "seed": seed,
+        "image_auroc": results["image_AUROC"],
+        "pixel_auroc": results.get("pixel_AUROC"),
+        "train_images": len(datamodule.train_data),
+        "test_images": test_images,
+        "test_seconds": test_seconds,
+        "test_images_per_second": test_images / test_seconds,
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+TASKS = {"ours": ours, "fit_memory": fit_memory, "references": references, "peer": peer}
+
+if __name__ == "__main__":
+    task, arguments, result_path = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    quiet()
+    result_path.write_text(json.dumps(TASKS[task](**arguments), indent=2))
