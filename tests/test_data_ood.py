@@ -58,7 +58,10 @@ def test_test_set_is_cifar10_test_against_the_other_set(tmp_path, cifar10, ood_d
     paths = [p for b in batches for p in b.path]
     assert len(labels) == 10 + n_ood and int(labels.sum()) == n_ood
     assert all((label == 0) == ("test_batch" in path) for label, path in zip(labels.tolist(), paths, strict=True))
-    assert all(b.mask is None and b.target is None and b.image.shape[1:] == (3, 32, 32) for b in batches)
+    assert all(b.mask is None and b.image.shape[1:] == (3, 32, 32) for b in batches)
+    # CIFAR-10 images keep their class (for a linear probe), out-of-distribution images get -1.
+    targets = torch.cat([b.target for b in batches])
+    assert ((targets >= 0) == (labels == 0)).all() and set(targets[labels == 1].tolist()) <= {-1}
 
 
 def test_svhn_images_are_read_in_order_and_upright(tmp_path, cifar10):

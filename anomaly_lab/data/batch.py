@@ -17,6 +17,8 @@ class Batch:
     mask: float [B, 1, H, W] with 1 = anomalous pixel, or None for datasets without pixel ground truth.
     path: the source file of each image (or a dataset-specific identifier).
     target: long [B] class index for one-vs-all datasets, else None.
+    views: float [B, V, C, H, W], V augmented views of each image for contrastive training (the training
+        loader of a datamodule built with `train_views` = V > 0), else None.
 
     Lightning moves dataclasses to the device field by field, so no ``to`` method is needed.
     """
@@ -26,13 +28,14 @@ class Batch:
     mask: Tensor | None = None
     path: list[str] = field(default_factory=list)
     target: Tensor | None = None
+    views: Tensor | None = None
 
     def __len__(self) -> int:
         return self.image.shape[0]
 
     @staticmethod
     def collate(samples: list[dict]) -> Batch:
-        """Stack per-sample dicts (keys: image, label, path, optional mask and target) into a Batch."""
+        """Stack per-sample dicts (keys: image, label, path, optional mask, target and views) into a Batch."""
         masks = [s.get("mask") for s in samples]
         if any(m is None for m in masks) and not all(m is None for m in masks):
             raise ValueError("a batch mixes samples with and without masks")
@@ -43,4 +46,5 @@ class Batch:
             mask=None if masks[0] is None else torch.stack(masks).float(),
             path=[str(s["path"]) for s in samples],
             target=None if targets[0] is None else torch.as_tensor(targets, dtype=torch.long),
+            views=torch.stack([s["views"] for s in samples]) if "views" in samples[0] else None,
         )

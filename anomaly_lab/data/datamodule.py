@@ -10,7 +10,8 @@ from pathlib import Path
 import albumentations as A
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from anomaly_lab.data.batch import Batch
 from anomaly_lab.data.dataset import AnomalyDataset, Sample
@@ -55,10 +56,30 @@ class SampleSplit:
     validation: list[Sample] | None = None
 
 
-def _reseed_worker_transform(worker_id: int) -> None:
-    """Give each loader worker its own augmentation stream (derived from the loader's seeded generator)."""
-    info = get_worker_info()
-    info.dataset.transform.set_random_seed(info.seed % 2**32)
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation drawn from (seed, epoch), this rank's share of it, as
+    ``(index, epoch)`` keys so the dataset seeds each image's augmentations from (seed, epoch, index).
+
+    Order and augmentations are thus a function of the seed and the epoch alone: the same for any
+    number of loader workers, the same after resuming from a checkpoint, and the same images
+    (split over the ranks) under DDP. Lightning calls `set_epoch` and, as this is a
+    DistributedSampler, does not replace it.
+    """
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation order: every `num_replicas`-th index from `rank`, without the padding of
+    DistributedSampler, so each image is scored exactly once whatever the number of devices."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -73,6 +94,11 @@ class AnomalyDataModule(pl.LightningDataModule):
     training loader, as the fraction gamma of it (see `labelled_anomaly_count`). They never join the
     validation holdout (thresholds come from normal images only) nor `normal_dataloader` (statistics of
     normal data). gamma = 0 is the one-class setting.
+
+    Contrastive views: with `train_views` = V > 0, every training Batch also carries `views`
+    [B, V, C, H, W], V independent draws of resize -> `view_augmentations` -> normalise on each image
+    (e.g. SimCLR's two views), seeded per image and epoch as the training augmentations are.
+    Validation, test and normal loaders have no views.
 
     Attributes: `dataset_name`, `category`, `has_masks`, `mean` and `std` (one value per channel,
     as used by Normalize), `image_size` ((h, w) of the yielded images: `crop_size` when set),
@@ -99,6 +125,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         channels: int = 3,
         anomaly_ratio: float = 0.0,
         sample_seed: int | None = None,
+        train_views: int = 0,
+        view_augmentations: Sequence[A.BasicTransform] | None = None,
     ):
         super().__init__()
         if not 0 <= val_ratio < 1:
@@ -125,6 +153,13 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.anomaly_ratio = anomaly_ratio
         self.sample_seed = seed if sample_seed is None else sample_seed
         self.train_augmentations = list(train_augmentations or [])
+        if train_views < 0 or (train_views > 0 and not view_augmentations):
+            raise ConfigError(
+                f"data.train_views={train_views} must be >= 0, and > 0 needs data.view_augmentations "
+                "(a list of albumentations transforms)"
+            )
+        self.train_views = train_views
+        self.view_augmentations = list(view_augmentations or [])
         self.channels = channels
         self.mean = channel_stats(mean, channels, "mean")
         self.std = channel_stats(std, channels, "std")
@@ -146,10 +181,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         else:
             fit_normals, validation = split.normals, split.validation
         anomalies = self._labelled_anomalies(split.anomaly_pool, len(fit_normals))
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        train_transform = self._transform(self.train_augmentations, seed=self.seed + rank)
+        train_transform = self._transform(self.train_augmentations)
         eval_transform = self._transform([])
-        self.train_set = AnomalyDataset(fit_normals + anomalies, train_transform, self.has_masks)
+        view_transform = self._transform(self.view_augmentations) if self.train_views else None
+        self.train_set = AnomalyDataset(fit_normals + anomalies, train_transform, self.has_masks, self.seed,
+                                        self.train_views, view_transform)
         self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks)
         self.val_set = AnomalyDataset(validation, eval_transform, self.has_masks)
         self.test_set = AnomalyDataset(split.test, eval_transform, self.has_masks)
@@ -174,31 +210,38 @@ class AnomalyDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: DistributedSampler) -> DataLoader:
         self._require_setup()
         return DataLoader(
             dataset,
             batch_size=batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=Batch.collate,
-            **kwargs,
         )
+
+    def _devices(self) -> tuple[int, int]:
+        """(rank, world size) of the attached Trainer; (0, 1) without one."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set,
-            self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_reseed_worker_transform,
-        )
+        """Shuffled per epoch from `seed`; under DDP each device takes `batch_size` images of its share."""
+        rank, world_size = self._devices()
+        sampler = EpochSampler(self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        rank, world_size = self._devices()
+        return self._loader(dataset, self.eval_batch_size, ShardSampler(dataset, world_size, rank))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size)
+        return self._eval_loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -209,5 +252,4 @@ class AnomalyDataModule(pl.LightningDataModule):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self._require_setup()
-        shard = Subset(self.normal_set, range(rank, len(self.normal_set), world_size))
-        return self._loader(shard, self.eval_batch_size)
+        return self._loader(self.normal_set, self.eval_batch_size, ShardSampler(self.normal_set, world_size, rank))

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anomaly_lab.errors import DataError
+from anomaly_lab.seeding import derive_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -72,18 +73,34 @@ class AnomalyDataset(Dataset):
     """Samples read and transformed on access.
 
     With `with_masks`, every item has a mask [1, H, W] (all zeros for samples without a mask file),
-    so that batches never mix samples with and without masks.
+    so that batches never mix samples with and without masks. A key ``(index, epoch)`` (what the
+    training sampler yields) seeds the transform with `derive_seed(seed, epoch, index)` first.
+    With `views` > 0, every item also has `views` [V, C, H, W]: V independent draws of `view_transform`
+    on the image (contrastive views), seeded from ``(index, epoch)`` by `derive_seed(seed, epoch, index, 1)`.
     """
 
-    def __init__(self, samples: list[Sample], transform: A.Compose, with_masks: bool):
+    def __init__(self, samples: list[Sample], transform: A.Compose, with_masks: bool, seed: int = 0,
+                 views: int = 0, view_transform: A.Compose | None = None):
+        if views > 0 and view_transform is None:
+            raise ValueError("views > 0 needs a view_transform")
         self.samples = samples
         self.transform = transform
         self.with_masks = with_masks
+        self.seed = seed
+        self.views = views
+        self.view_transform = view_transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, tuple):
+            index, epoch = key
+            self.transform.set_random_seed(derive_seed(self.seed, epoch, index))
+            if self.views > 0:
+                self.view_transform.set_random_seed(derive_seed(self.seed, epoch, index, 1))
+        else:
+            index = key
         sample = self.samples[index]
         image = read_image(sample.image_path) if sample.pixels is None else sample.pixels
         if sample.box is not None:
@@ -91,6 +108,8 @@ class AnomalyDataset(Dataset):
         item = {"label": sample.label, "path": str(sample.image_path)}
         if sample.target is not None:
             item["target"] = sample.target
+        if self.views > 0:
+            item["views"] = torch.stack([self.view_transform(image=image)["image"] for _ in range(self.views)])
         if not self.with_masks:
             item["image"] = self.transform(image=image)["image"]
             return item

@@ -88,13 +88,11 @@ class OODDataModule(AnomalyDataModule):
             return svhn_samples(self.ood_root)
         if self.ood_dataset == "lsun":
             return lsun_samples(self.ood_root)
-        return relabel(cifar100_samples(self.ood_root, "test", option="data.ood_root"), 1)
+        return cifar100_samples(self.ood_root, "test", option="data.ood_root")
 
     def find_samples(self) -> SampleSplit:
-        normals = relabel(cifar10_samples(self.root, "train"), 0)
-        return SampleSplit(normals, relabel(cifar10_samples(self.root, "test"), 0) + self.ood_samples())
-
-
-def relabel(samples: list[Sample], label: int) -> list[Sample]:
-    """`samples` with `label` and no class target (the OoD protocol has two classes: in and out)."""
-    return [replace(s, label=label, target=None) for s in samples]
+        """CIFAR-10 images are normal (label 0) and keep their class in `target` (a linear probe of the
+        representation needs it); out-of-distribution images are anomalous (label 1), target -1."""
+        normals = cifar10_samples(self.root, "train")
+        out = [replace(s, label=1, target=-1) for s in self.ood_samples()]
+        return SampleSplit(normals, cifar10_samples(self.root, "test") + out)

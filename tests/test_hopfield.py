@@ -1,0 +1,50 @@
+"""The Hopfield memory (AnoMem Eq. 1) against by-hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from anomaly_lab.nn.hopfield import HopfieldMemory, hopfield_retrieve, hopfield_update
+
+
+def test_update_equals_eq1_by_hand():
+    patterns = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], dtype=torch.float64)  # X [d=2, N=3]
+    query = torch.tensor([[0.2, -0.4]], dtype=torch.float64)
+    beta = 2.0
+    scores = [beta * (0.2 * patterns[0, j] + -0.4 * patterns[1, j]) for j in range(3)]
+    weights = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
+    expected = [sum(weights[j] * float(patterns[i, j]) for j in range(3)) for i in range(2)]
+    assert torch.allclose(hopfield_update(query, patterns, beta), torch.tensor([expected], dtype=torch.float64))
+
+
+def test_retrieval_of_a_stored_pattern_returns_it_at_high_beta():
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.nn.functional.normalize(torch.randn(16, 10, generator=generator), dim=0)
+    noisy = patterns.T + 0.05 * torch.randn(10, 16, generator=generator)
+    retrieved = hopfield_retrieve(noisy, patterns, beta=50.0, max_iter=10, tol=1e-6)
+    assert torch.allclose(retrieved, patterns.T, atol=1e-4)
+
+
+def test_iterations_stop_at_the_cap_or_at_convergence():
+    patterns = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    query = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    once = hopfield_retrieve(query, patterns, beta=2.0, max_iter=1, tol=0.0)
+    assert torch.allclose(once, hopfield_update(query, patterns, 2.0))
+    twice = hopfield_retrieve(query, patterns, beta=2.0, max_iter=2, tol=0.0)
+    assert torch.allclose(twice, hopfield_update(once, patterns, 2.0))
+    converged = hopfield_retrieve(query, patterns, beta=2.0, max_iter=1000, tol=1e-7)
+    assert torch.allclose(hopfield_update(converged, patterns, 2.0), converged, atol=1e-5)
+
+
+def test_memory_keeps_leading_dimensions_and_learns_its_patterns():
+    memory = HopfieldMemory(dim=5, size=7, beta=2.0, max_iter=3)
+    z = torch.randn(2, 3, 5)
+    out = memory(z)
+    assert out.shape == z.shape
+    out.sum().backward()
+    assert memory.patterns.shape == (5, 7) and memory.patterns.grad.abs().sum() > 0
+    normalized = HopfieldMemory(dim=5, size=7, norm="l2")
+    normalized.patterns = memory.patterns
+    assert torch.allclose(normalized(3 * z), normalized(z), atol=1e-5)  # retrieval by direction
