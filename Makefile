@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 ARGS ?=
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench clean report
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check anomaly_lab tests experiments train.py eval.py
+	$(VENV)/bin/ruff check anomaly_lab tests experiments train.py eval.py predict.py
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
@@ -30,6 +30,14 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) experiments/benchmarks/run.py $(ARGS)
+
+# The comparison report of a sweep folder: RUN=logs/train/multiruns/<time> (default: the newest one);
+# ARGS passes options, e.g. ARGS="report.wandb=true".
+RUN ?= $(lastword $(sort $(wildcard logs/train/multiruns/*)))
+
+report: install
+	@test -n "$(RUN)" || { echo "no sweep folder in logs/train/multiruns: run python train.py -m ... first, or give RUN=<folder>"; exit 1; }
+	$(PY) -m anomaly_lab.report $(RUN) $(ARGS)
 
 # Removes what the Makefile built; never logs/ (your runs) or data/ (your datasets).
 clean:

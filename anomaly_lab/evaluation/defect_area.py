@@ -96,7 +96,8 @@ class DefectAreaEvaluator(pl.Callback):
         self.results = {}
 
     def _validation_maps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> np.ndarray:
-        """Heatmaps [N, H, W] of every normal validation image (the whole split on every process)."""
+        """Heatmaps [N, H, W] of every normal validation image: each device scores its share of the
+        split, and every device gets all the maps."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             raise ConfigError("DefectAreaEvaluator needs a datamodule with normal validation images")
@@ -106,8 +107,8 @@ class DefectAreaEvaluator(pl.Callback):
                 anomaly_map = pl_module(batch.image.to(pl_module.device)).anomaly_map
                 if anomaly_map is None:
                     raise ConfigError(f"DefectAreaEvaluator needs anomaly maps, but {type(pl_module).__name__} gives none")
-                maps.append(anomaly_map[:, 0].float().cpu())
-        return torch.cat(maps).numpy()
+                maps.append(anomaly_map[:, 0].float())
+        return pl_module.gather_across_devices(torch.cat(maps)).cpu().numpy()
 
     def on_test_batch_end(
         self,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from anomaly_lab.data import Batch
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.nn.blur import blur_maps
+from anomaly_lab.seeding import derive_seed
 
 
 class ScoreOutput(NamedTuple):
@@ -58,6 +61,19 @@ class AnomalyModel(pl.LightningModule):
     def fit_normal(self, dataloader: DataLoader) -> None:
         """Fit statistics of normal data; combine devices with `sum_across_devices` or `gather_across_devices`."""
 
+    def reseed_training(self, seed: int) -> None:
+        """Reseed the method's own random streams of training (negatives, pairings, corruptions)."""
+
+    # --- reproducible training --------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        """Reseed every random stream of training from (run seed, epoch, rank): an epoch draws the same
+        numbers whether the run went through or was resumed from the previous epoch's checkpoint."""
+        seed = derive_seed(self.hparams.get("seed", 0), self.current_epoch, self.global_rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.reseed_training(seed)
+
     # --- scoring at evaluation size -------------------------------------------------------------
     def forward(self, images: Tensor) -> ScoreOutput:
         """Scores with the map at the input size and smoothed: what the evaluation sees."""
@@ -95,13 +111,28 @@ class AnomalyModel(pl.LightningModule):
         self.normal_fitted.fill_(False)  # the weights changed: the statistics must be fitted again
 
     def on_validation_start(self) -> None:
+        self._share_normalisation_statistics()
         self._ensure_normal_fitted()
 
     def on_test_start(self) -> None:
+        self._share_normalisation_statistics()
         self._ensure_normal_fitted()
 
     def on_predict_start(self) -> None:
+        self._share_normalisation_statistics()
         self._ensure_normal_fitted()
+
+    def _share_normalisation_statistics(self) -> None:
+        """Give every device rank 0's batch-norm running statistics before scoring. DDP keeps the
+        weights equal, but each device updates these buffers from its own last batches; scoring with
+        them would make an image's score depend on the device that scores it."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                    if buffer is not None:
+                        buffer.copy_(self.trainer.strategy.broadcast(buffer, src=0))
 
     def _ensure_normal_fitted(self) -> None:
         if not self.has_normal_statistics or bool(self.normal_fitted):
@@ -128,7 +159,13 @@ class AnomalyModel(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def gather_across_devices(self, tensor: Tensor) -> Tensor:
-        """Concatenate a tensor's first dimension over all devices (identity on one device or without a Trainer)."""
+        """Concatenate a tensor's first dimension over all devices in rank order; the devices may hold
+        different lengths (identity on one device or without a Trainer). Sort the result if its order
+        must not depend on the number of devices."""
         if self._trainer is None or self.trainer.world_size == 1:
             return tensor
-        return self.all_gather(tensor).flatten(0, 1)
+        lengths = self.all_gather(torch.tensor(len(tensor), device=tensor.device)).tolist()
+        padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        gathered = self.all_gather(padded)  # [world_size, longest, ...]
+        return torch.cat([part[:length] for part, length in zip(gathered, lengths, strict=True)])

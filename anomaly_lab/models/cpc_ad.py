@@ -161,6 +161,9 @@ class CPCAD(AnomalyModel):
         self.register_buffer("negative_bank", torch.empty(0, dims))
         self._train_generator = torch.Generator().manual_seed(seed)
 
+    def reseed_training(self, seed: int) -> None:
+        self._train_generator.manual_seed(seed)
+
     # --- encodings ------------------------------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
         """Encodings of the image's grid of sub-patches: [B, C, H, W] -> [B, ny, nx, D]."""

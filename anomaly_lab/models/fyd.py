@@ -167,6 +167,9 @@ class FYD(AnomalyModel):
         self.register_buffer("normal_distance_variance", torch.tensor(float("nan")))
         self._pairing = torch.Generator().manual_seed(seed)
 
+    def reseed_training(self, seed: int) -> None:
+        self._pairing.manual_seed(seed)
+
     # --- features, in the aligned frame ---------------------------------------------------------
     def align(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """ICA: the images rotated to the common pose and the [B, 2, 3] rotation (None without ICA)."""

@@ -103,7 +103,9 @@ class Ssae(AnomalyModel):
                 f"SSAE reconstructs images in [0, 1], but the data is normalised with mean={list(mean)} "
                 f"std={list(std)}: set data.mean=[0,0,0] and data.std=[1,1,1] (as conf/model/ssae.yaml does)"
             )
-        self.corruption.reseed(self.hparams.seed + self.global_rank)
+
+    def reseed_training(self, seed: int) -> None:
+        self.corruption.reseed(seed)
 
     def loss(self, images: Tensor) -> Tensor:
         """Corrupt the images, reconstruct them and return the configured objective (Eq. 1 or Eq. 3)."""
