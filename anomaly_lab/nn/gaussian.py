@@ -19,7 +19,8 @@ class PositionalGaussian(nn.Module):
     outer products per position), in place, so memory does not grow with the number of images.
     `finalize` turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM),
     stored as float32 buffers that travel with checkpoints; it works in place on the sums and
-    inverts `inverse_chunk` positions at a time, so its peak is the sums plus the float32 inverse.
+    inverts `inverse_chunk` positions at a time, so its peak is the sums, the float32 inverse and one
+    chunk's temporaries.
     """
 
     inverse_chunk = 512
