@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -44,12 +45,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     save `checkpoints/last.ckpt`, test, and write `metrics.json` in the run folder."""
     if cfg.get("ckpt_path"):
         _check_resumable(cfg, Path(cfg.ckpt_path))
-    with _ddp_processes_of_this_job():
+    with _ddp_processes_of_this_job() as trainers:
         pl.seed_everything(cfg.seed, workers=True)
         output_dir = Path(cfg.paths.output_dir)
         _save_config(cfg, output_dir / "config.yaml")
         datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
         trainer, writer = _trainer(cfg, model, datamodule, output_dir)
+        trainers.append(trainer)
         if model.needs_training:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -69,14 +71,17 @@ def _run_config(ckpt_path: Path) -> DictConfig:
 
 
 @contextlib.contextmanager
-def _ddp_processes_of_this_job() -> Iterator[None]:
+def _ddp_processes_of_this_job() -> Iterator[list[pl.Trainer]]:
     """Lightning starts DDP processes 1..n-1 by running `sys.argv` again with `hydra.run.dir` set to
-    Hydra's run folder, and marks the environment as launched. In a multirun job that command would
+    Hydra's run folder, marks the environment as launched, and watches those processes from a thread
+    that kills this process if one of them ends with an error. In a multirun job the command would
     start the whole sweep again: make it this job's own overrides and folder, so that the processes
-    join this job; afterwards, close the process group and restore the environment, so that the next
-    job launches its own processes."""
+    join this job. Afterwards (the job's trainers are appended to the yielded list) wait for them and
+    stop the watching, close the process group and restore the environment, so that the next job
+    launches its own processes and a process of a finished job cannot end the sweep."""
+    trainers: list[pl.Trainer] = []
     if not _in_multirun():
-        yield
+        yield trainers
         return
     hydra_cfg = HydraConfig.get()
     argv, environment = list(sys.argv), dict(os.environ)
@@ -84,13 +89,29 @@ def _ddp_processes_of_this_job() -> Iterator[None]:
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
-        yield
+        yield trainers
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        for trainer in trainers:
+            processes = getattr(getattr(trainer.strategy, "launcher", None), "procs", [])
+            for process in processes:
+                _wait_or_kill(process, hydra_cfg.job.num)
+            processes.clear()  # the list Lightning's watching thread reads: nothing left to watch
         sys.argv = argv
         os.environ.clear()
         os.environ.update(environment)
+
+
+def _wait_or_kill(process: subprocess.Popen, job: int, seconds: float = 60) -> None:
+    """Wait for a DDP process of a finished job; kill it if it hangs (e.g. in a collective of a failed job)."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.returncode != 0:
+        log.warning(f"DDP process {process.pid} of job {job} ended with code {process.returncode}")
 
 
 def _check_resumable(cfg: DictConfig, ckpt_path: Path) -> None:
