@@ -72,22 +72,23 @@ def _run_config(ckpt_path: Path) -> DictConfig:
 
 @contextlib.contextmanager
 def _ddp_processes_of_this_job() -> Iterator[list[pl.Trainer]]:
-    """Lightning starts DDP processes 1..n-1 by running `sys.argv` again with `hydra.run.dir` set to
-    Hydra's run folder, marks the environment as launched, and watches those processes from a thread
-    that kills this process if one of them ends with an error. In a multirun job the command would
-    start the whole sweep again: make it this job's own overrides and folder, so that the processes
-    join this job. Afterwards (the job's trainers are appended to the yielded list) wait for them and
-    stop the watching, close the process group and restore the environment, so that the next job
-    launches its own processes and a process of a finished job cannot end the sweep."""
+    """Run a job's DDP processes and end them cleanly (the job's trainers are appended to the yielded list).
+
+    Lightning starts processes 1..n-1 by running `sys.argv` again with `hydra.run.dir` set to Hydra's
+    run folder, and watches them from a thread that kills this process if one ends with an error. At
+    the end every process closes the process group (a process that exits with gloo's threads still
+    running aborts), and the first waits for the others and stops the watching, so that a late exit
+    cannot kill it. In a multirun job the command would start the whole sweep again: it becomes the
+    job's own overrides and folder, and the environment Lightning marked as launched is restored, so
+    that the next job launches its own processes."""
     trainers: list[pl.Trainer] = []
-    if not _in_multirun():
-        yield trainers
-        return
-    hydra_cfg = HydraConfig.get()
-    argv, environment = list(sys.argv), dict(os.environ)
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
-    with read_write(hydra_cfg.run):
-        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    multirun = _in_multirun()
+    if multirun:
+        hydra_cfg = HydraConfig.get()
+        argv, environment = list(sys.argv), dict(os.environ)
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
         yield trainers
     finally:
@@ -96,14 +97,15 @@ def _ddp_processes_of_this_job() -> Iterator[list[pl.Trainer]]:
         for trainer in trainers:
             processes = getattr(getattr(trainer.strategy, "launcher", None), "procs", [])
             for process in processes:
-                _wait_or_kill(process, hydra_cfg.job.num)
+                _wait_or_kill(process)
             processes.clear()  # the list Lightning's watching thread reads: nothing left to watch
-        sys.argv = argv
-        os.environ.clear()
-        os.environ.update(environment)
+        if multirun:
+            sys.argv = argv
+            os.environ.clear()
+            os.environ.update(environment)
 
 
-def _wait_or_kill(process: subprocess.Popen, job: int, seconds: float = 60) -> None:
+def _wait_or_kill(process: subprocess.Popen, seconds: float = 60) -> None:
     """Wait for a DDP process of a finished job; kill it if it hangs (e.g. in a collective of a failed job)."""
     try:
         process.wait(timeout=seconds)
@@ -111,7 +113,7 @@ def _wait_or_kill(process: subprocess.Popen, job: int, seconds: float = 60) -> N
         process.kill()
         process.wait()
     if process.returncode != 0:
-        log.warning(f"DDP process {process.pid} of job {job} ended with code {process.returncode}")
+        log.warning(f"DDP process {process.pid} ended with code {process.returncode}")
 
 
 def _check_resumable(cfg: DictConfig, ckpt_path: Path) -> None:
