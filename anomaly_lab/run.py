@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # The launcher configs in conf/hydra/launcher/ extend the plugins' own, which Hydra reports as a
 # deprecation on every job; the configs are complete, so the warning says nothing to our users.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
+# Lightning 2.6 warns about its own use of torch's pytree API and advertises its cloud products on
+# every run: neither concerns our users.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
