@@ -4,10 +4,8 @@ stage-1 checkpoint, the Table 4 switches, the linear probe, anomaly maps, and a 
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -16,7 +14,7 @@ from hydra.utils import instantiate
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models import AnoMem
 from anomaly_lab.run import train
-from tests.helpers import compose_config
+from tests.helpers import compose_config, write_toy_cifar10
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
          "callbacks=none",
@@ -25,36 +23,6 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 TINY = ["model=anomem", "data=cifar10", "data.image_size=16", "data.batch_size=32", "data.num_workers=0",
         "model.memory_sizes=[32,16]", "model.head_hidden=16", "model.stage1_epochs=1", "model.stage2_epochs=1",
         "model.kmeans_iters=5", "model.linear_steps=20", *QUIET]
-
-
-def toy_image(target: int, rng: np.random.Generator) -> np.ndarray:
-    """RGB [32, 32, 3]: a grating oriented by the class (18 degrees apart), random phase, frequency,
-    colour and noise, so that only the orientation tells the classes apart."""
-    angle = np.pi * target / 10
-    yy, xx = np.mgrid[0:32, 0:32]
-    frequency, phase = rng.uniform(0.5, 0.8), rng.uniform(0, 2 * np.pi)
-    wave = np.sin(frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
-    colour = rng.uniform(0.3, 1.0, size=3)
-    image = 127.5 + 100 * wave[..., None] * colour + rng.normal(0, 10, (32, 32, 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def write_toy_cifar10(root: Path, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:
-    """`root/cifar-10-batches-py` in CIFAR-10's pickle layout holding `toy_image`s of the 10 classes."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write(name: str, targets: list[int]) -> None:
-        images = np.stack([toy_image(t, rng) for t in targets]) if targets else np.zeros((0, 32, 32, 3), np.uint8)
-        entry = {"data": images.transpose(0, 3, 1, 2).reshape(len(targets), -1), "labels": targets}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-
-    train_targets = [c for _ in range(per_class_train) for c in range(10)]
-    for b in range(5):
-        write(f"data_batch_{b + 1}", train_targets[b::5])
-    write("test_batch", [c for _ in range(per_class_test) for c in range(10)])
-    return folder
 
 
 @pytest.fixture(scope="module")

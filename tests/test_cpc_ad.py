@@ -193,7 +193,7 @@ def test_a_few_steps_lower_the_loss():
     optimizer = model.configure_optimizers()
 
     def loss_with_fixed_negatives() -> float:
-        model._train_generator.manual_seed(123)
+        model.reseed_training(123)
         with torch.no_grad():
             return model.training_loss(images).item()
 

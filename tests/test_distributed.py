@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from anomaly_lab.run import evaluate, train
-from tests.helpers import CONF, REPO, compose_config
-from tests.test_anomem import write_toy_cifar10
+from tests.helpers import CONF, REPO, compose_config, write_toy_cifar10
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks=none"]
 BATCH = 8  # one process; under DDP each of the 2 devices takes 4, the same 8 images a step in all

@@ -16,13 +16,9 @@ from anomaly_lab.errors import ConfigError
 from anomaly_lab.export import OnnxEngine, inverse_small, pad_ellipsis_ranks
 from anomaly_lab.predict import Preprocessing, predict
 from anomaly_lab.run import load_weights, train, with_run_config
-from tests.helpers import CONF, compose_config
+from tests.helpers import CONF, TINY_RUN, compose_config
 
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
-# Tiny runs: 64 px synthetic textures, 12 training normals, one epoch of at most two steps.
-TINY = ["data=synthetic/texture", "data.image_size=64", "data.n_train=12", "data.n_test_good=2",
-        "data.n_test_per_defect=1", "data.batch_size=4", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
-        "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 TOLERANCE = 1e-4
 
 
@@ -33,7 +29,7 @@ def data_root(tmp_path_factory) -> Path:
 
 def tiny_run(model: str, data_root: Path, run_dir: Path) -> Path:
     """Train `model=<model>` on tiny synthetic data; return its checkpoint."""
-    train(compose_config("train", [f"model={model}", f"paths.data_root={data_root}", *TINY], output_dir=run_dir))
+    train(compose_config("train", [f"model={model}", f"paths.data_root={data_root}", *TINY_RUN], output_dir=run_dir))
     return run_dir / "checkpoints" / "last.ckpt"
 
 

@@ -20,8 +20,7 @@ from hydra.utils import instantiate
 from anomaly_lab.errors import ConfigError, DataError
 from anomaly_lab.predict import Preprocessing, output_names, predict
 from anomaly_lab.run import load_weights, train, with_run_config
-from tests.helpers import REPO, compose_config
-from tests.test_onnx import TINY
+from tests.helpers import REPO, TINY_RUN, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def data_root(tmp_path_factory) -> Path:
 def ckpt(data_root, tmp_path_factory) -> Path:
     """A tiny PaDiM run (the default model) on synthetic textures."""
     run_dir = tmp_path_factory.mktemp("run")
-    train(compose_config("train", [f"paths.data_root={data_root}", *TINY], output_dir=run_dir))
+    train(compose_config("train", [f"paths.data_root={data_root}", *TINY_RUN], output_dir=run_dir))
     return run_dir / "checkpoints" / "last.ckpt"
 
 

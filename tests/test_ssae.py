@@ -151,7 +151,7 @@ def test_a_few_steps_lower_the_loss(objective):
     optimizer = model.configure_optimizers()
 
     def fixed_loss() -> float:
-        model.corruption.reseed(123)
+        model.reseed_training(123)
         with torch.no_grad():
             return model.loss(images).item()
 

@@ -201,10 +201,8 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         return draw_labelled_anomalies(pool, labelled_anomaly_count(n_normal, self.anomaly_ratio), self.sample_seed)
 
-    def _transform(self, augmentations: list[A.BasicTransform], seed: int | None = None) -> A.Compose:
-        return build_transform(
-            self.resize_size, self.crop_size, augmentations, self.mean, self.std, self.channels, seed
-        )
+    def _transform(self, augmentations: list[A.BasicTransform]) -> A.Compose:
+        return build_transform(self.resize_size, self.crop_size, augmentations, self.mean, self.std, self.channels)
 
     def _require_setup(self) -> None:
         if self.train_set is None:

@@ -46,13 +46,11 @@ def build_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     channels: int = 3,
-    seed: int | None = None,
 ) -> A.Compose:
     """Resize -> [CenterCrop] -> augmentations -> [ToGray] -> Normalize -> tensor [C, H, W].
 
     Input: an RGB uint8 image [H, W, 3] and an optional float mask [H, W]. `channels=1` converts
     images to one luminance channel after the augmentations (so colour augmentations still apply).
-    `seed` seeds the random augmentations.
     """
     steps: list[A.BasicTransform] = [A.Resize(*as_size(image_size, "data.image_size"))]
     if crop_size is not None:
@@ -64,4 +62,4 @@ def build_transform(
         A.Normalize(mean=channel_stats(mean, channels, "mean"), std=channel_stats(std, channels, "std")),
         ToTensorV2(),
     ]
-    return A.Compose(steps, seed=seed)
+    return A.Compose(steps)

@@ -111,14 +111,15 @@ class AnomalyModel(pl.LightningModule):
         self.normal_fitted.fill_(False)  # the weights changed: the statistics must be fitted again
 
     def on_validation_start(self) -> None:
-        self._share_normalisation_statistics()
-        self._ensure_normal_fitted()
+        self._prepare_scoring()
 
     def on_test_start(self) -> None:
-        self._share_normalisation_statistics()
-        self._ensure_normal_fitted()
+        self._prepare_scoring()
 
     def on_predict_start(self) -> None:
+        self._prepare_scoring()
+
+    def _prepare_scoring(self) -> None:
         self._share_normalisation_statistics()
         self._ensure_normal_fitted()
 
