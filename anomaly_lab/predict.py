@@ -123,7 +123,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     if task["engine"] == "onnx":
         engine, device = OnnxEngine(Path(task["onnx_path"] or onnx_file)), "cpu"
     else:
-        engine, device = model.to(task["device"]), task["device"]
+        engine, device = model.use_channels_last().to(task["device"]), task["device"]
     predictions = []
     for batch in _batches(files, names, preprocessing, task["batch_size"]):
         with torch.no_grad():

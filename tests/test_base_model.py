@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_lab.data import Batch
 from anomaly_lab.models import AnomalyModel, ScoreOutput
-from anomaly_lab.nn.blur import blur_maps
+from anomaly_lab.nn.blur import resize_and_blur
 
 
 def batches(n: int = 4) -> list[dict]:
@@ -88,18 +88,40 @@ def test_maps_are_brought_to_input_size_and_image_score_is_their_maximum():
 def test_blur_smooths_and_keeps_the_mass():
     spike = torch.zeros(1, 1, 33, 33)
     spike[..., 16, 16] = 1.0
-    smooth = blur_maps(spike, sigma=2.0)
+    smooth = resize_and_blur(spike, (33, 33), sigma=2.0)
     assert smooth.shape == spike.shape and smooth.max() < 0.1
     assert smooth.sum().item() == pytest.approx(1.0, abs=1e-4)
-    assert torch.equal(blur_maps(spike, 0.0), spike)
+    assert torch.equal(resize_and_blur(spike, (33, 33), 0.0), spike)
 
 
-
-def test_separable_blur_equals_the_full_two_dimensional_convolution():
+@pytest.mark.parametrize("size", [(40, 52), (160, 208)])
+def test_resizing_and_blur_equal_bilinear_interpolation_then_the_two_dimensional_gaussian(size):
     from torchvision.transforms.v2.functional import gaussian_blur
 
     maps = torch.rand(2, 1, 40, 52, generator=torch.Generator().manual_seed(0))
     sigma = 4.0
-    kernel = 2 * 16 + 1  # truncated at 4 sigma, as blur_maps does
-    expected = gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
-    torch.testing.assert_close(blur_maps(maps, sigma), expected, atol=1e-5, rtol=1e-5)
+    kernel = 2 * 16 + 1  # truncated at 4 sigma, as resize_and_blur does
+    resized = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    expected = gaussian_blur(resized, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+    torch.testing.assert_close(resize_and_blur(maps, size, sigma), expected, atol=1e-5, rtol=1e-5)
+
+
+class ConvModel(CountingModel):
+    """CountingModel whose map goes through a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def score(self, images):
+        return ScoreOutput(None, self.conv(images).abs().mean(1, keepdim=True))
+
+
+def test_runs_keep_convolution_weights_channels_last_and_score_as_in_the_default_layout():
+    model, data = ConvModel(), TinyData()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = model(images).anomaly_map
+    trainer().validate(model, datamodule=data)  # Lightning calls setup(), as in every run
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    torch.testing.assert_close(model(images).anomaly_map, expected, atol=1e-5, rtol=1e-5)

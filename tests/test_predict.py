@@ -88,7 +88,7 @@ def test_scores_are_those_of_the_run_evaluation(ckpt, data_root, tmp_path):
     test_folder = data_root / "synthetic" / "texture" / "test"
     predictions = {p.path: p.image_score for p in run_predict(ckpt, tmp_path, f"input={test_folder}")}
     cfg = with_run_config(compose_config("predict", [f"ckpt_path={ckpt}", f"paths.data_root={data_root}"]))
-    datamodule, model = instantiate(cfg.data), load_weights(instantiate(cfg.model), ckpt).eval()
+    datamodule, model = instantiate(cfg.data), load_weights(instantiate(cfg.model), ckpt).use_channels_last().eval()
     datamodule.setup("test")
     expected = {}
     with torch.no_grad():

@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from measure import (
+    HERE,
+    SHARED_DATA,
+    entry_point,
+    load_average,
+    machine_info,
+    markdown_table,
+    peak_rss_mb,
+    run_task,
+    write_results,
+)
+
 REPO = HERE.parents[1]
-CIFAR = REPO.parent / "shared" / "data" / "cifar-10-batches-py"
+CIFAR = SHARED_DATA / "cifar-10-batches-py"
 BATCH_SIZE = 64
 
 
@@ -34,7 +42,6 @@ def run_method(method: str, root: str, normal_class: int, seed: int, stage1_epoc
                anomaly_ratio: float = 0.0, stage1_ckpt: str | None = None, save_ckpt: str | None = None) -> dict:
     import hydra
     import pytorch_lightning as pl
-    from measure import peak_rss_mb
     from omegaconf import OmegaConf
 
     from anomaly_lab.callbacks import ResultsWriter
@@ -85,7 +92,7 @@ def run_method(method: str, root: str, normal_class: int, seed: int, stage1_epoc
         "test_images_per_second": len(datamodule.test_set) / record["scoring_seconds"],
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak_rss_mb(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": load_average(),
     }
     if epochs:
         result["train_seconds"] = train_seconds
@@ -93,27 +100,14 @@ def run_method(method: str, root: str, normal_class: int, seed: int, stage1_epoc
     return result
 
 
-def task_main(name: str, arguments: str, result_path: str) -> None:
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(REPO))
-    import measure
-
-    measure.quiet()
-    Path(result_path).write_text(json.dumps(run_method(**json.loads(arguments)), indent=2))
-
-
-def spawn(**arguments) -> dict:
-    with tempfile.TemporaryDirectory() as workdir:
-        out = Path(workdir) / "result.json"
-        subprocess.run([sys.executable, __file__, "task", "method", json.dumps(arguments), str(out)], check=True, cwd=REPO)
-        return json.loads(out.read_text())
+TASKS = {"method": run_method}
 
 
 def markdown(record: dict) -> str:
-    def row(r: dict) -> str:
+    def row(r: dict) -> tuple:
         rate = f"{r['train_images_per_second']:.1f}" if "train_images_per_second" in r else "-"
-        return (f"| {r['method']} | {r['normal_class']} | {r['anomaly_ratio']} | {r['epochs']} | {r['image_auroc']:.4f} | "
-                f"{rate} | {r['test_images_per_second']:.1f} | {r['peak_rss_mb']:.0f} | {r['load_average'][0]} |")
+        return (r["method"], r["normal_class"], r["anomaly_ratio"], r["epochs"], f"{r['image_auroc']:.4f}", rate,
+                f"{r['test_images_per_second']:.1f}", f"{r['peak_rss_mb']:.0f}", r["load_average"][0])
 
     setup = record["setup"]
     lines = [
@@ -122,15 +116,15 @@ def markdown(record: dict) -> str:
         f"ResNet-18 from random weights (seed {setup['seed']}), 32 px, batch {BATCH_SIZE}; AnoMem with the CIFAR stem, "
         f"memories 512 (layer3, r 0.3) and 256 (layer4, r 1), {setup['stage1_epochs']} stage-1 epochs; semi-supervised "
         f"gamma 0.05: {setup['stage2_epochs']} stage-2 epochs from class {setup['classes'][0]}'s stage-1 checkpoint. "
-        f"PaDiM: layers 1-3, 100 random channels. CPU: {record['machine']}. "
+        f"PaDiM: layers 1-3, 100 random channels. CPU: {record['machine']['cpu']}, "
+        f"{record['machine']['cpu_count']} cores, torch threads default. "
         f"Command: `python experiments/benchmarks/anomem_cifar10.py`.",
         "",
-        "| method | normal class | gamma | epochs | image AUROC | training images/s | test images/s | peak RSS (MiB) | load avg (1 min) at end |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *[row(r) for r in record["runs"]],
+        *markdown_table(["method", "normal class", "gamma", "epochs", "image AUROC", "training images/s",
+                         "test images/s", "peak RSS (MiB)", "load avg (1 min) at end"], map(row, record["runs"])),
         "",
         f"Mean one-class image AUROC over classes {setup['classes']}: AnoMem {record['anomem_mean_auroc']:.4f}, "
-        f"PaDiM {record['padim_mean_auroc']:.4f}. Load average at start {record['load_average_start']}, at end "
+        f"PaDiM {record['padim_mean_auroc']:.4f}. Load average at start {record['machine']['load_average_start']}, at end "
         f"{record['load_average_end']} (2 cores shared with other jobs: rates are indicative).",
     ]
     return "\n".join(lines) + "\n"
@@ -148,31 +142,23 @@ def main() -> None:
         sys.exit(f"error: no CIFAR-10 pickles in {args.root} (expected data_batch_1..5 and test_batch)")
     common = {"root": args.root, "seed": args.seed, "stage1_epochs": args.stage1_epochs,
               "stage2_epochs": args.stage2_epochs}
-    record = {"setup": {**common, "classes": args.classes}, "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, torch threads default", "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    record = {"setup": {**common, "classes": args.classes}, "machine": machine_info()}
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         ckpt = str(Path(scratch) / "stage1.ckpt")
         for i, normal_class in enumerate(args.classes):
-            runs.append(spawn(method="anomem_one_class", normal_class=normal_class, save_ckpt=ckpt if i == 0 else None,
-                              **common))
-            runs.append(spawn(method="padim", normal_class=normal_class, **common))
-        runs.append(spawn(method="anomem_semi_supervised", normal_class=args.classes[0], anomaly_ratio=0.05,
-                          stage1_ckpt=ckpt, **common))
+            runs.append(run_task(__file__, "method", method="anomem_one_class", normal_class=normal_class,
+                                 save_ckpt=ckpt if i == 0 else None, **common))
+            runs.append(run_task(__file__, "method", method="padim", normal_class=normal_class, **common))
+        runs.append(run_task(__file__, "method", method="anomem_semi_supervised", normal_class=args.classes[0],
+                             anomaly_ratio=0.05, stage1_ckpt=ckpt, **common))
     record["runs"] = runs
-    record["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["load_average_end"] = load_average()
     for method in ("anomem_one_class", "padim"):
         aurocs = [r["image_auroc"] for r in runs if r["method"] == method]
         record[f"{method.split('_')[0]}_mean_auroc"] = sum(aurocs) / len(aurocs)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "anomem_cifar10.json").write_text(json.dumps(record, indent=2))
-    (out / "anomem_cifar10.md").write_text(markdown(record))
-    print(markdown(record))
+    write_results("anomem_cifar10", record, markdown(record))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "task":
-        task_main(*sys.argv[2:5])
-    else:
-        main()
+    entry_point(TASKS, main)

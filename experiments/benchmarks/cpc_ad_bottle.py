@@ -17,19 +17,20 @@ Writes experiments/benchmarks/results/cpc_ad_bottle.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO)]
+from measure import (
+    BOTTLE,
+    HERE,
+    entry_point,
+    markdown_table,
+    peak_rss_mb,
+    run_task,
+    write_results,
+)
 
-CATEGORY_DIR = REPO.parent / "shared" / "data" / "mvtec" / "bottle"
 IMAGE_SIZE, PATCH, PATCH_STRIDE, SUBPATCH, SUBPATCH_STRIDE = 256, 128, 64, 32, 16
 BATCH_SIZE = 16
 
@@ -42,7 +43,6 @@ def model_kwargs(seed: int) -> dict:
 def cpc_ad(category_dir: str, seed: int, epochs: int, num_workers: int) -> dict:
     import albumentations as A
     import pytorch_lightning as pl
-    from measure import peak_rss_mb
 
     from anomaly_lab.data import MVTecDataModule
     from anomaly_lab.evaluation import Evaluator
@@ -92,8 +92,7 @@ def references(category_dir: str, repeats: int) -> dict:
     from anomaly_lab.models import CPCAD
     from anomaly_lab.nn.patches import unfold_patches
 
-    measure.IMAGE_SIZE = IMAGE_SIZE
-    decode = measure.references(category_dir, repeats)
+    decode = measure.references(category_dir, repeats, image_size=IMAGE_SIZE)
     model = CPCAD(**model_kwargs(0)).eval()
     images = torch.randn(BATCH_SIZE, 1, IMAGE_SIZE, IMAGE_SIZE)
     distinct = unfold_patches(images, SUBPATCH, SUBPATCH_STRIDE).reshape(-1, 1, SUBPATCH, SUBPATCH)
@@ -118,24 +117,15 @@ def references(category_dir: str, repeats: int) -> dict:
 TASKS = {"cpc_ad": cpc_ad, "references": references}
 
 
-def spawn(arguments: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "result.json"
-        subprocess.run([sys.executable, *arguments, str(out)], check=True, cwd=REPO)
-        return json.loads(out.read_text())
-
-
 def markdown(record: dict) -> str:
     cpc, padim, ref = record["cpc_ad"], record["padim"], record["references"]
     limit = min(ref["encoder_distinct_images_per_second"], ref["decode_resize_images_per_second"])
-    rows = [
-        "| | CPC-AD | PaDiM |", "|---|---|---|",
-        f"| image AUROC | {cpc['image_auroc']:.3f} | {padim['image_auroc']:.3f} |",
-        f"| pixel AUROC | {cpc['pixel_auroc']:.3f} | {padim['pixel_auroc']:.3f} |",
-        f"| pixel AUPRO | {cpc['pixel_aupro']:.3f} | {padim['pixel_aupro']:.3f} |",
-        f"| test images/s | {cpc['test_images_per_second']:.2f} | {padim['test_images_per_second']:.2f} |",
-        f"| peak memory (MiB) | {cpc['peak_rss_mb']:.0f} | {padim['peak_rss_mb']:.0f} |",
-    ]
+    rows = markdown_table(["", "CPC-AD", "PaDiM"], [
+        (label, format(cpc[key], fmt), format(padim[key], fmt))
+        for label, key, fmt in [("image AUROC", "image_auroc", ".3f"), ("pixel AUROC", "pixel_auroc", ".3f"),
+                                ("pixel AUPRO", "pixel_aupro", ".3f"), ("test images/s", "test_images_per_second", ".2f"),
+                                ("peak memory (MiB)", "peak_rss_mb", ".0f")]
+    ])
     return "\n".join([
         "# CPC-AD on MVTec AD bottle (CPU)", "",
         f"`python experiments/benchmarks/cpc_ad_bottle.py --epochs {cpc['epochs']}`: {IMAGE_SIZE} px grayscale images, "
@@ -163,27 +153,15 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    category = str(CATEGORY_DIR)
+    category = str(BOTTLE)
     common = {"category_dir": category, "seed": args.seed, "num_workers": args.num_workers}
     record = {
-        "cpc_ad": spawn([__file__, "task", "cpc_ad", json.dumps({**common, "epochs": args.epochs})]),
-        "padim": spawn([str(HERE / "measure.py"), "ours", json.dumps(common)]),
-        "references": spawn([__file__, "task", "references",
-                             json.dumps({"category_dir": category, "repeats": args.repeats})]),
+        "cpc_ad": run_task(__file__, "cpc_ad", **common, epochs=args.epochs),
+        "padim": run_task(HERE / "measure.py", "ours", **common),
+        "references": run_task(__file__, "references", category_dir=category, repeats=args.repeats),
     }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "cpc_ad_bottle.json").write_text(json.dumps(record, indent=2))
-    (results / "cpc_ad_bottle.md").write_text(markdown(record))
-    print(markdown(record))
+    write_results("cpc_ad_bottle", record, markdown(record))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "task":
-        from measure import quiet
-
-        quiet()
-        name, arguments, result_path = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
-        result_path.write_text(json.dumps(TASKS[name](**arguments), indent=2))
-    else:
-        main()
+    entry_point(TASKS, main)

@@ -1,8 +1,10 @@
-"""One measurement per process: `python measure.py <task> <arguments as JSON> <result JSON path>`.
+"""One measurement per process, and what the benchmark files share.
 
-run.py starts each task in a fresh interpreter, so every peak resident set size (`ru_maxrss` of this
-process, loader workers excluded) belongs to that task alone and one task's imports or caches never
-speed up or slow down another. Tasks:
+Every benchmark file runs each of its measurements in a fresh interpreter (`run_task`: the file
+re-invoked as `<file> task <name> <arguments as JSON> <result JSON path>`, answered by `task_main`),
+one at a time, so every peak resident set size (`ru_maxrss` of that process, loader workers
+excluded) belongs to that task alone and one task's imports or caches never speed up or slow down
+another. This file's own tasks, for run.py (PaDiM against anomalib) and the other benchmarks:
 
 - ours: our PaDiM through our datamodule, Trainer and Evaluator (validate = Gaussian fit +
   thresholds, then test, timed), then the test loader and the forward alone (timed);
@@ -16,17 +18,94 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SHARED_DATA = HERE.parents[2] / "shared" / "data"  # ../shared/data beside the repository
+BOTTLE = SHARED_DATA / "mvtec" / "bottle"
 IMAGE_SIZE = 256
 BATCH_SIZE = 16  # for every loader and the bare backbone; see README
 N_FEATURES = 100
+
+
+# --- what every benchmark file shares -----------------------------------------------------------
+def run_task(script: str | Path, name: str, **arguments) -> dict:
+    """Run task `name` of a benchmark file in a fresh interpreter and return its result; stop the
+    benchmark with the task's output if it fails."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        print(f"[bench] {Path(script).stem} {name} {json.dumps(arguments)}", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing may try to download
+        command = [sys.executable, str(script), "task", name, json.dumps(arguments), str(result)]
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        if process.returncode != 0:
+            print(process.stdout[-2000:] + process.stderr[-4000:], file=sys.stderr)
+            sys.exit(f"error: benchmark task {name} of {script} failed (exit status {process.returncode})")
+        return json.loads(result.read_text())
+
+
+def task_main(tasks: dict[str, Callable[..., dict]]) -> None:
+    """Answer `run_task`: `<file> task <name> <arguments as JSON> <result JSON path>`."""
+    name, arguments, result_path = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+    quiet()
+    result_path.write_text(json.dumps(tasks[name](**arguments), indent=2))
+
+
+def entry_point(tasks: dict[str, Callable[..., dict]], main: Callable[[], None]) -> None:
+    """A benchmark file's `__main__`: one of its `tasks` when `run_task` invoked it, else its `main`."""
+    task_main(tasks) if sys.argv[1:2] == ["task"] else main()
+
+
+def write_results(name: str, record: dict, markdown: str) -> None:
+    """results/<name>.json (every figure) and results/<name>.md, and the Markdown on standard output."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def machine_info() -> dict:
+    """CPU, core count, package versions and the load average now (other jobs may share the cores)."""
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        **{name: package(name) for name in ("torch", "torchvision", "pytorch-lightning", "anomalib")},
+        "load_average_start": load_average(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --- this file's tasks --------------------------------------------------------------------------
 
 
 def peak_rss_mb() -> float:
@@ -125,7 +204,8 @@ def fit_memory(category_dir: str, n_images: int) -> dict:
     }
 
 
-def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int = 0) -> dict:
+def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int = 0, image_size: int = IMAGE_SIZE,
+               batch_size: int = BATCH_SIZE) -> dict:
     """The limits of the test pipeline over the test images, each timed `repeats` times (median):
 
     - decode_resize: bare decoding + resizing (cv2, in this process, no normalisation, no model);
@@ -142,7 +222,7 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
     decode_seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        images = [decode_resize(path) for path in paths]
+        images = [decode_resize(path, image_size) for path in paths]
         decode_seconds.append(time.perf_counter() - start)
     stacked = torch.stack([normalised_tensor(image) for image in images])
 
@@ -164,18 +244,19 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
 
     rates = {"decode_resize_images_per_second": len(paths) / statistics.median(decode_seconds)}
     with torch.inference_mode():
-        layers_1_to_3(stacked[:BATCH_SIZE])  # warm-up
-        rates["backbone_images_per_second"] = len(paths) / statistics.median(timed(lambda: stacked.split(BATCH_SIZE)))
+        layers_1_to_3(stacked[:batch_size])  # warm-up
+        rates["backbone_images_per_second"] = len(paths) / statistics.median(timed(lambda: stacked.split(batch_size)))
         if num_workers:
-            loader = DataLoader(BareImages(paths), batch_size=BATCH_SIZE, num_workers=num_workers)
+            loader = DataLoader(BareImages(paths, image_size), batch_size=batch_size, num_workers=num_workers)
             rates["bare_pipeline_images_per_second"] = len(paths) / statistics.median(timed(lambda: loader))
-    return {"seed": seed, "test_images": len(paths), "torch_threads": torch.get_num_threads(), **rates}
+    return {"seed": seed, "test_images": len(paths), "image_size": image_size, "batch_size": batch_size,
+            "torch_threads": torch.get_num_threads(), **rates}
 
 
-def decode_resize(path: Path):
+def decode_resize(path: Path, size: int):
     import cv2
 
-    return cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (IMAGE_SIZE, IMAGE_SIZE))
+    return cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (size, size))
 
 
 def normalised_tensor(bgr):
@@ -191,14 +272,14 @@ def normalised_tensor(bgr):
 class BareImages:
     """The test images decoded, resized and normalised on access: the bare pipeline's dataset."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return normalised_tensor(decode_resize(self.paths[index]))
+        return normalised_tensor(decode_resize(self.paths[index], self.size))
 
 
 def peer(category_dir: str, seed: int, num_workers: int) -> dict:
@@ -240,6 +321,4 @@ def peer(category_dir: str, seed: int, num_workers: int) -> dict:
 TASKS = {"ours": ours, "fit_memory": fit_memory, "references": references, "peer": peer}
 
 if __name__ == "__main__":
-    task, arguments, result_path = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    quiet()
-    result_path.write_text(json.dumps(TASKS[task](**arguments), indent=2))
+    task_main(TASKS)

@@ -15,24 +15,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from measure import BATCH_SIZE, IMAGE_SIZE, N_FEATURES
+from measure import (
+    BATCH_SIZE,
+    BOTTLE,
+    HERE,
+    IMAGE_SIZE,
+    N_FEATURES,
+    RESULTS,
+    load_average,
+    machine_info,
+    run_task,
+    write_results,
+)
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "mvtec" / "bottle"
-RESULTS = HERE / "results"
 MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 
 SEEDS = (0, 1, 2)
@@ -51,7 +53,7 @@ QUICK_TRAIN, QUICK_TEST_STRIDE, QUICK_FIT_SIZES = 40, 4, (BATCH_SIZE, 39)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+    parser.add_argument("--data-root", type=Path, default=BOTTLE,
                         help="the MVTec AD bottle folder (train/good, test/<type>, ground_truth/<type>)")
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, fewer images")
     parser.add_argument("--skip-peer", action="store_true", help="do not run anomalib's PaDiM")
@@ -76,13 +78,9 @@ def main() -> None:
                            repeats=1 if args.quick else REPEATS, with_peer=not args.skip_peer)
     record["setup"].update(data_root=str(args.data_root), quick=args.quick)
     record["runtime_seconds"] = round(time.time() - started, 1)
-    record["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    record["machine"]["load_average_end"] = load_average()
 
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "padim_bottle.json").write_text(json.dumps(record, indent=2) + "\n")
-    markdown = RESULTS / "padim_bottle.md"
-    markdown.write_text(render_markdown(record, history(markdown)))
-    print(markdown.read_text())
+    write_results("padim_bottle", record, render_markdown(record, history(RESULTS / "padim_bottle.md")))
 
 
 def benchmark(category_dir: Path, seeds: tuple[int, ...], fit_sizes: tuple[int, ...], repeats: int,
@@ -132,17 +130,7 @@ def benchmark(category_dir: Path, seeds: tuple[int, ...], fit_sizes: tuple[int, 
 
 
 def measure(task: str, **arguments) -> dict:
-    """Run one measure.py task in a fresh interpreter and return its result."""
-    with tempfile.TemporaryDirectory() as scratch:
-        result = Path(scratch) / "result.json"
-        print(f"[bench] {task} {json.dumps(arguments)}", flush=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # anomalib must never try to download
-        process = subprocess.run([sys.executable, str(HERE / "measure.py"), task, json.dumps(arguments), str(result)],
-                                 capture_output=True, text=True, env=env)
-        if process.returncode != 0:
-            print(process.stdout[-2000:] + process.stderr[-4000:], file=sys.stderr)
-            sys.exit(f"error: benchmark task {task} failed (exit status {process.returncode})")
-        return json.loads(result.read_text())
+    return run_task(HERE / "measure.py", task, **arguments)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -204,24 +192,6 @@ def subset_category(source: Path, target: Path) -> Path:
 def copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
-
-
-def machine_info() -> dict:
-    def package(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        **{name: package(name) for name in ("torch", "torchvision", "pytorch-lightning", "anomalib")},
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # --- Markdown -------------------------------------------------------------------------------------

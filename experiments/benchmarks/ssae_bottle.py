@@ -13,20 +13,19 @@ Writes experiments/benchmarks/results/ssae_bottle.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO)]
+from measure import (
+    BOTTLE,
+    entry_point,
+    machine_info,
+    markdown_table,
+    peak_rss_mb,
+    run_task,
+    write_results,
+)
 
-from measure import peak_rss_mb, quiet  # noqa: E402
-
-CATEGORY_DIR = REPO.parent / "shared" / "data" / "mvtec" / "bottle"
 MIN_DEFECT_AREA = 0.001
 
 
@@ -63,7 +62,7 @@ def run_model(model: str, image_size: int, epochs: int, seed: int, num_workers: 
     else:
         norm = {"batch_size": 32}
         net = Padim(backbone="resnet18", backbone_weights=None, n_features=100, seed=seed)
-    datamodule = MVTecDataModule(CATEGORY_DIR.parent, CATEGORY_DIR.name, image_size=image_size,
+    datamodule = MVTecDataModule(BOTTLE.parent, BOTTLE.name, image_size=image_size,
                                  num_workers=num_workers, seed=seed, **norm)
     evaluator, area, timer = Evaluator(), DefectAreaEvaluator(min_defect_area=MIN_DEFECT_AREA), epoch_timer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
@@ -124,15 +123,6 @@ def bare_forward(image_size: int, repeats: int) -> dict:
 TASKS = {"model": run_model, "forward": bare_forward}
 
 
-def in_subprocess(task: str, arguments: dict) -> dict:
-    out = HERE / "results" / f".ssae_bottle_{task}_{arguments.get('model', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, "--task", task, json.dumps(arguments), str(out)], check=True)
-    result = json.loads(out.read_text())
-    out.unlink()
-    return result
-
-
 def markdown(record: dict) -> str:
     ssae, padim, forward = record["ssae"], record["padim"], record["ssae_bare"]
     rows = [("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("pixel AUPRO (0.3)", "pixel_aupro"),
@@ -145,9 +135,10 @@ def markdown(record: dict) -> str:
     lines = [f"# SSAE vs PaDiM, MVTec AD bottle, {ssae['image_size']} px, CPU", "",
              f"SSAE: objective Eq. 1, {ssae['epochs']} epochs (progressive: first half at half size), batch 8, Adam 1e-3. "
              "PaDiM: ResNet-18 with random weights (no download here). Minimum defect area "
-             f"{MIN_DEFECT_AREA} of the image. Measured {record['date']} on {record['cores']} shared cores.", "",
-             "| metric | SSAE | PaDiM |", "|---|---|---|"]
-    lines += [f"| {label} | {ssae[key]:.4g} | {padim[key]:.4g} |" for label, key in rows]
+             f"{MIN_DEFECT_AREA} of the image. Measured {record['date']} on {record['machine']['cpu_count']} cores "
+             f"(load average {record['machine']['load_average_start'][0]} at the start).", "",
+             *markdown_table(["metric", "SSAE", "PaDiM"],
+                             [(label, f"{ssae[key]:.4g}", f"{padim[key]:.4g}") for label, key in rows])]
     lines += ["", f"SSAE training: {ssae['train_images_per_second']:.3g} images/s over {ssae['train_images']} images "
               f"x {ssae['epochs']} epochs ({ssae['train_seconds']:.0f} s).",
               f"Bare SSAE network at {forward['image_size']} px, batch 8: forward {forward['forward_images_per_second']:.3g} "
@@ -163,26 +154,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--task", nargs=3, metavar=("TASK", "ARGUMENTS", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.task:
-        task, arguments, output = args.task
-        quiet()
-        Path(output).write_text(json.dumps(TASKS[task](**json.loads(arguments)), indent=2))
-        return
-    if not CATEGORY_DIR.is_dir():
-        sys.exit(f"{CATEGORY_DIR} not found: put MVTec AD's bottle category there")
+    if not BOTTLE.is_dir():
+        sys.exit(f"{BOTTLE} not found: put MVTec AD's bottle category there")
     common = {"image_size": args.image_size, "seed": args.seed, "num_workers": args.num_workers}
     record = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cores": os.cpu_count(),
-        "padim": in_subprocess("model", {"model": "padim", "epochs": 0, **common}),
-        "ssae": in_subprocess("model", {"model": "ssae", "epochs": args.epochs, **common}),
-        "ssae_bare": in_subprocess("forward", {"image_size": args.image_size, "repeats": 3}),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
+        "padim": run_task(__file__, "model", model="padim", epochs=0, **common),
+        "ssae": run_task(__file__, "model", model="ssae", epochs=args.epochs, **common),
+        "ssae_bare": run_task(__file__, "forward", image_size=args.image_size, repeats=3),
     }
-    (HERE / "results" / "ssae_bottle.json").write_text(json.dumps(record, indent=2) + "\n")
-    (HERE / "results" / "ssae_bottle.md").write_text(markdown(record))
-    print(markdown(record))
+    write_results("ssae_bottle", record, markdown(record))
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(TASKS, main)
