@@ -69,7 +69,7 @@ class AnomalyModel(pl.LightningModule):
     def use_channels_last(self) -> AnomalyModel:
         """Keep 4-D weights channels-last, so that convolutions run in that layout (oneDNN on CPU,
         tensor cores on GPU): 20-35 % faster training and scoring for every method here on CPU
-        (experiments/benchmarks/README.md); results differ only by rounding."""
+        (measured in the README, "Memory layout"); results differ only by rounding."""
         return self.to(memory_format=torch.channels_last)
 
     # --- reproducible training --------------------------------------------------------------------
