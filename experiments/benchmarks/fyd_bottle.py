@@ -24,6 +24,8 @@ from pathlib import Path
 
 from measure import (
     BOTTLE,
+    HERE,
+    bare_backbone,
     entry_point,
     load_average,
     machine_info,
@@ -101,21 +103,15 @@ def forward_speed(model, datamodule, repeats: int = 3) -> dict:
     """Images/s of the model's scoring (`model(images)`: map at input size, smoothed) and of the bare
     ResNet-18 layers 1-3 forward on the same decoded batch, interleaved, so both see the same machine load."""
     import torch
-    from torchvision.models import resnet18
 
     images = next(iter(datamodule.test_dataloader())).image
-    net = resnet18().eval()
-
-    def bare() -> None:
-        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-        net.layer3(net.layer2(net.layer1(x)))
-
+    backbone = bare_backbone()
     model.eval()
     seconds = {"model": [], "bare": []}
     with torch.inference_mode():
-        bare(), model(images)  # warm-up
+        backbone(images), model(images)  # warm-up
         for _ in range(repeats):
-            for name, run in (("model", lambda: model(images)), ("bare", bare)):
+            for name, run in (("model", lambda: model(images)), ("bare", lambda: backbone(images))):
                 start = time.perf_counter()
                 run()
                 seconds[name].append(time.perf_counter() - start)
@@ -125,14 +121,7 @@ def forward_speed(model, datamodule, repeats: int = 3) -> dict:
             "forward_over_bare_backbone": model_rate / bare_rate}
 
 
-def references(category_dir: str, repeats: int, num_workers: int) -> dict:
-    import measure
-
-    return measure.references(category_dir, repeats, num_workers=num_workers, image_size=IMAGE_SIZE,
-                              batch_size=BATCH_SIZE)
-
-
-TASKS = {"method": run_method, "references": references}
+TASKS = {"method": run_method}
 
 
 def markdown(record: dict) -> str:
@@ -188,7 +177,8 @@ def main() -> None:
     common = {"category_dir": args.category_dir, "seed": args.seed, "num_workers": args.num_workers}
     padim = run_task(__file__, "method", method="padim", epochs=args.epochs, **common)
     fyd = run_task(__file__, "method", method="fyd", epochs=args.epochs, **common)
-    ref = run_task(__file__, "references", category_dir=args.category_dir, repeats=3, num_workers=args.num_workers)
+    ref = run_task(HERE / "measure.py", "references", category_dir=args.category_dir, repeats=3,
+                   num_workers=args.num_workers, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE)
     limit = min(ref["decode_resize_images_per_second"], ref["backbone_images_per_second"])
     bare_pipeline = ref["bare_pipeline_images_per_second"]
     record = {

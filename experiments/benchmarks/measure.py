@@ -216,7 +216,6 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
     """
     import torch
     from torch.utils.data import DataLoader
-    from torchvision.models import resnet18
 
     paths = test_image_paths(Path(category_dir))
     decode_seconds = []
@@ -226,12 +225,7 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
         decode_seconds.append(time.perf_counter() - start)
     stacked = torch.stack([normalised_tensor(image) for image in images])
 
-    torch.manual_seed(seed)
-    net = resnet18().eval()
-
-    def layers_1_to_3(x: torch.Tensor) -> None:
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        net.layer3(net.layer2(net.layer1(x)))
+    layers_1_to_3 = bare_backbone(seed)
 
     def timed(batches) -> list[float]:
         seconds = []
@@ -251,6 +245,22 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
             rates["bare_pipeline_images_per_second"] = len(paths) / statistics.median(timed(lambda: loader))
     return {"seed": seed, "test_images": len(paths), "image_size": image_size, "batch_size": batch_size,
             "torch_threads": torch.get_num_threads(), **rates}
+
+
+def bare_backbone(seed: int = 0):
+    """The bare forward of the limits: torchvision's ResNet-18, conv1 to layer3, eval mode, at the
+    random initialisation `seed` draws (the weights our models get with that seed)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    net = resnet18().eval()
+
+    def layers_1_to_3(x: torch.Tensor) -> torch.Tensor:
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer3(net.layer2(net.layer1(x)))
+
+    return layers_1_to_3
 
 
 def decode_resize(path: Path, size: int):
