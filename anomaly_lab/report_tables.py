@@ -25,7 +25,7 @@ MEAN_ROWS = ("texture_mean", "object_mean", "mean")
 PAPER_ROW_ALIASES = {"avg_all": "mean", "avg_textures": "texture_mean", "avg_objects": "object_mean",
                      "average": "mean"}
 # Overrides that choose the row (class), the seed (averaged) or the model (the column's name).
-ROW_KEYS = {"data", "data.category", "data.normal_class", "seed", "model"}
+ROW_KEYS = {"data", "data.root", "data.category", "data.normal_class", "seed", "model"}
 SETTING = re.compile(r"([A-Za-z_][\w.]*)=(\[[^\]]*\]|[^\s,;)]+)")
 
 

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, read_write
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
@@ -152,22 +152,29 @@ def load_weights(model: AnomalyModel, ckpt_path: Path) -> AnomalyModel:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Re-evaluate a checkpoint with the model and data of the run that wrote it; with `fit_normal`,
-    refit the statistics of normal data and the thresholds first."""
+    """Re-evaluate a checkpoint with the model and data of the run that wrote it; with `fit_normal`, or
+    when `overrides` change the data, refit the statistics of normal data and the thresholds first.
+    Runs under DDP and in multirun jobs as `train` does."""
+    trained_data = OmegaConf.to_container(_run_config(Path(cfg.ckpt_path)).data, resolve=True)
     cfg = with_run_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    _save_config(cfg, output_dir / "config.yaml")
-    datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
-    load_weights(model, Path(cfg.ckpt_path))
-    trainer, writer = _trainer(cfg, model, datamodule, output_dir)
-    if cfg.get("fit_normal"):
-        model.normal_fitted.fill_(False)
-        model.image_threshold.fill_(float("nan"))
-    if not (model.image_threshold.isfinite() and (model.normal_fitted or not model.has_normal_statistics)):
-        trainer.validate(model, datamodule=datamodule, verbose=False)
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    return _finish(cfg, trainer, writer)
+    with _ddp_processes_of_this_job() as trainers:
+        pl.seed_everything(cfg.seed, workers=True)
+        output_dir = Path(cfg.paths.output_dir)
+        _save_config(cfg, output_dir / "config.yaml")
+        datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+        load_weights(model, Path(cfg.ckpt_path))
+        trainer, writer = _trainer(cfg, model, datamodule, output_dir)
+        trainers.append(trainer)
+        data_changed = OmegaConf.to_container(cfg.data, resolve=True) != trained_data
+        if cfg.get("fit_normal") or data_changed:
+            if data_changed:
+                log.info("the data differ from the training run's: refitting normal statistics and thresholds")
+            model.normal_fitted.fill_(False)
+            model.image_threshold.fill_(float("nan"))
+        if not (model.image_threshold.isfinite() and (model.normal_fitted or not model.has_normal_statistics)):
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        return _finish(cfg, trainer, writer)
 
 
 def entry_point(task):
@@ -196,9 +203,12 @@ def entry_point(task):
 
 
 def _user_error(error: Exception) -> AnomalyLabError | None:
-    """The user error behind `error` (also when raised in a constructor Hydra called), or None."""
+    """The user error behind `error` (also when raised in a constructor Hydra called, or a mandatory
+    option left unset), or None."""
     if isinstance(error, InstantiationException):
         error = error.__cause__
+    if isinstance(error, MissingMandatoryValue):
+        return ConfigError(f"{error.full_key} must be set on the command line ({error.full_key}=<value>)")
     return error if isinstance(error, AnomalyLabError) else None
 
 

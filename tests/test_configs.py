@@ -26,7 +26,8 @@ def test_every_mvtec_category_and_btad_split_has_a_config():
 
 @pytest.mark.parametrize("data", options("data"))
 def test_data_configs_instantiate(data, tmp_path):
-    cfg = compose_config("train", [f"data={data}", f"paths.data_root={tmp_path}"], output_dir=tmp_path)
+    root = [f"data.root={tmp_path}/folder"] if data == "folder" else []  # a user's own folder has no default
+    cfg = compose_config("train", [f"data={data}", f"paths.data_root={tmp_path}", *root], output_dir=tmp_path)
     datamodule = instantiate(cfg.data)
     assert datamodule.category == Path(data).name
     assert str(tmp_path) in str(datamodule.root)

@@ -59,15 +59,17 @@ def test_masks_coincide_with_the_defect_pixels_after_resize(make_mvtec_tree):
         assert torch.equal(red_pixels(batch.image, dm), batch.mask.bool())
 
 
-def test_validation_holdout_is_seeded_disjoint_and_from_train_normals_only(make_mvtec_tree):
+def test_validation_holdout_follows_split_seed_is_disjoint_and_from_train_normals_only(make_mvtec_tree):
     root = make_mvtec_tree(n_train=20)
     dm = datamodule(root, val_ratio=0.25, seed=3)
     train, val = set(paths(dm.train_dataloader())), paths(dm.val_dataloader())
     assert len(val) == 5 and not train & set(val) and len(train | set(val)) == 20
     assert all("/train/good/" in p for p in val)
     assert paths(datamodule(root, val_ratio=0.25, seed=3).val_dataloader()) == val
-    assert paths(datamodule(root, val_ratio=0.25, seed=4).val_dataloader()) != val
-    assert len(datamodule(root, val_ratio=0.0).val_set) == 1  # at least one image
+    assert paths(datamodule(root, val_ratio=0.25, seed=4).val_dataloader()) == val  # the run's seed: same split
+    assert paths(datamodule(root, val_ratio=0.25, seed=3, split_seed=1).val_dataloader()) != val
+    every = datamodule(root, val_ratio=0.0)  # every normal trains; thresholds from their own scores
+    assert len(every.train_set) == len(every.val_set) == 20 and "val_ratio=0" in every.threshold_source
 
 
 def test_train_loader_shuffles_reproducibly_with_the_seed(make_mvtec_tree):
@@ -141,9 +143,8 @@ def test_unreadable_image_is_an_error_naming_the_file(make_mvtec_tree):
     root = make_mvtec_tree()
     broken = root / "widget" / "test" / "good" / "001.png"
     broken.write_bytes(b"not a png")
-    dm = datamodule(root)  # the layout check does not open images
     with pytest.raises(DataError, match="cannot read") as error:
-        list(dm.test_dataloader())
+        datamodule(root)  # setup's pre-scan, before any training
     assert str(broken) in str(error.value)
 
 
@@ -152,7 +153,7 @@ def test_mask_of_another_size_is_an_error_naming_both_files(make_mvtec_tree):
     mask = root / "widget" / "ground_truth" / "crack" / "000_mask.png"
     cv2.imwrite(str(mask), np.zeros((10, 10), np.uint8))
     with pytest.raises(DataError, match="size") as error:
-        list(datamodule(root).test_dataloader())
+        datamodule(root)
     assert str(mask) in str(error.value) and str(root / "widget" / "test" / "crack" / "000.png") in str(
         error.value
     )

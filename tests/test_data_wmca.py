@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra.utils import instantiate
 
 from anomaly_lab.data import WMCA_PROTOCOLS, WMCADataModule
@@ -154,10 +153,9 @@ def test_extractor_crops_to_face_boxes_and_its_output_loads(tmp_path):
 
     face = cv2.imread(str(tmp_path / "wmca" / "frames" / "v_bona" / "003.png"))
     assert face.shape == (10, 10, 3) and (face[..., 0] == 255).all()  # the blue square only
-    dm = WMCADataModule(str(tmp_path / "wmca"), "pp", image_size=8, num_workers=0)
-    dm.setup()
-    assert len(dm.normal_set) + len(dm.val_set) == 4 and sum(s.label for s in dm.test_set.samples) == 4
-    assert torch.is_tensor(dm.test_set[0]["image"])
+    split = WMCADataModule(str(tmp_path / "wmca"), "pp", image_size=8, num_workers=0).find_samples()
+    assert len(split.normals) + len(split.validation or []) == 4 and sum(s.label for s in split.test) == 4
+    assert all(s.image_path.is_file() for s in split.test)
 
 
 def test_extractor_reports_a_missing_protocol(tmp_path, capsys):

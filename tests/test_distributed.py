@@ -146,3 +146,25 @@ def test_ddp_jobs_of_a_multirun_each_run_their_own_processes(data_root, tmp_path
     assert sorted(p.parent.name for p in sweep.rglob("metrics.json")) == ["0", "1"]
     assert sorted(p.parent.name for p in sweep.rglob("train_ddp_process_1.log")) == ["0", "1"]
     assert not list(sweep.rglob("failed.json"))
+
+
+def test_eval_runs_under_ddp_and_in_multirun(data_root, tmp_path):
+    # Each job of the sweep launches its own two processes; refitted or not, they give the training run's metrics.
+    expected = train(compose_config("train", overrides("padim", data_root), output_dir=tmp_path / "run"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "-m", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+         "fit_normal=false,true", "trainer=ddp_cpu", f"paths.data_root={data_dir(data_root, SMALL)}",
+         f"paths.log_dir={tmp_path / 'logs'}", *QUIET],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "logs").rglob("metrics.json"))]
+    assert [record["devices"] for record in records] == [2, 2]
+    for record in records:
+        assert record["metrics"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_fewer_validation_images_than_devices_stops_at_setup(data_root, tmp_path):
+    # 22 training normals, val_ratio 0.01: one validation image for two devices (the second would wait forever).
+    result = run_train([*overrides("padim", data_root), "data.val_ratio=0.01", "trainer=ddp_cpu"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 validation image(s) for 2 devices" in result.stderr

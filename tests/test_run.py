@@ -68,6 +68,16 @@ def test_eval_reproduces_the_run_metrics(texture_run, data_root, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_eval_with_other_data_refits_the_normal_statistics_and_thresholds(texture_run, data_root, tmp_path):
+    # val_ratio=0: the held-out normals join the Gaussian fit and thresholds come from the training normals.
+    cfg = compose_config("eval", [f"ckpt_path={texture_run / 'checkpoints' / 'last.ckpt'}", f"paths.data_root={data_root}",
+                                  "+overrides.data.val_ratio=0", *QUIET], output_dir=tmp_path)
+    evaluate(cfg)
+    trained, refitted = (json.loads((d / "metrics.json").read_text()) for d in (texture_run, tmp_path))
+    assert refitted["image_threshold"] != pytest.approx(trained["image_threshold"])
+    assert "val_ratio=0" in refitted["threshold_source"] and "holdout" in trained["threshold_source"]
+
+
 def test_same_seed_gives_same_metrics_and_train_returns_the_optimized_one(texture_run, data_root, tmp_path):
     cfg = compose_config("train", [f"paths.data_root={data_root}", "callbacks=none", *QUIET], output_dir=tmp_path)
     expected = json.loads((texture_run / "metrics.json").read_text())["metrics"]

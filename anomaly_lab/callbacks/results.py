@@ -11,6 +11,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from anomaly_lab.evaluation import Evaluator
+
 
 def git_commit(cwd: str | Path = ".") -> str | None:
     """The commit of the working tree holding `cwd`, with '-dirty' if it has changes; None outside git."""
@@ -29,7 +31,10 @@ class ResultsWriter(pl.Callback):
 
     `test_images_per_second` is the scoring throughput: images from the start of the test loop to
     its last batch (decoding, transforms, model, maps at input size), without the metrics computed
-    once at the end, which `test_seconds` (the whole test stage) includes.
+    once at the end, which `test_seconds` (the whole test stage) includes. The Evaluator's record
+    (`pixel_resolution`, `pixel_histogram_bits`, `pixel_error_bounds`, per-defect `defects`) and the
+    datamodule's `threshold_source` (where the thresholds' normal images come from) are written beside
+    the metrics.
     """
 
     def __init__(self, output_path: str | Path, metadata: dict[str, Any]):
@@ -64,9 +69,12 @@ class ResultsWriter(pl.Callback):
         images = int(pl_module.sum_across_devices(pl_module.image_threshold.new_tensor(self._test_images)).item())
         metrics = {key.removeprefix("test/"): float(value) for key, value in trainer.callback_metrics.items()
                    if key.startswith("test/")}
+        evaluation = next((c.record for c in trainer.callbacks if isinstance(c, Evaluator)), {})
         self._write({
             **self.metadata,
             "metrics": metrics,
+            **evaluation,
+            "threshold_source": getattr(trainer.datamodule, "threshold_source", None),
             "image_threshold": float(pl_module.image_threshold),
             "pixel_threshold": float(pl_module.pixel_threshold),
             "fit_seconds": round(self.fit_seconds + pl_module.fit_normal_seconds, 3),

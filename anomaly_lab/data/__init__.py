@@ -7,6 +7,7 @@ from anomaly_lab.data.cub import CUBDataModule
 from anomaly_lab.data.datamodule import AnomalyDataModule, SampleSplit
 from anomaly_lab.data.dataset import AnomalyDataset, Sample
 from anomaly_lab.data.disturbed import DisturbedMVTecDataModule
+from anomaly_lab.data.folder import FolderDataModule
 from anomaly_lab.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES, MVTecDataModule
 from anomaly_lab.data.one_vs_all import OneVsAllDataModule
 from anomaly_lab.data.ood import OOD_DATASETS, OODDataModule
@@ -29,6 +30,7 @@ __all__ = [
     "BTADDataModule",
     "Batch",
     "DisturbedMVTecDataModule",
+    "FolderDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CUBDataModule",

@@ -31,5 +31,5 @@ class BTADDataModule(AnomalyDataModule):
         mask_dir = category_dir / "ground_truth" / "ko"
         masks = mask_index(mask_dir)
         for image in require_images(category_dir / "test" / "ko", BTAD_LAYOUT):
-            test.append(Sample(image, 1, find_mask(masks, mask_dir, image, ("", "_mask"))))
+            test.append(Sample(image, 1, find_mask(masks, mask_dir, image, ("", "_mask")), defect="ko"))
         return normals, test

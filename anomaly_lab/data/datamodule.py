@@ -10,19 +10,27 @@ from pathlib import Path
 import albumentations as A
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from anomaly_lab.data.batch import Batch
 from anomaly_lab.data.dataset import AnomalyDataset, Sample
+from anomaly_lab.data.prescan import EMPTY_MASK_POLICIES, check_both_classes, scan_samples
 from anomaly_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_size, build_transform, channel_stats
 from anomaly_lab.errors import ConfigError, DataError
 
 
 def split_holdout(count: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (kept, held out) of `count` items: round(val_ratio * count) held out, at least 1, drawn with `seed`."""
+    """Indices (kept, held out) of `count` items, drawn with `seed`: nothing held out when `val_ratio`
+    is 0, else round(val_ratio * count) items, at least 1 and at most count - 1."""
+    if val_ratio == 0:
+        return list(range(count)), []
     if count < 2:
-        raise DataError(f"need at least 2 training images to hold one out for validation, found {count}")
+        raise DataError(
+            f"need at least 2 training images to hold one out for validation, found {count}: "
+            "set data.val_ratio=0 to train on every normal"
+        )
     n_holdout = min(max(1, round(val_ratio * count)), count - 1)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_holdout:]), sorted(order[:n_holdout])
@@ -85,9 +93,18 @@ class ShardSampler(DistributedSampler):
 class AnomalyDataModule(pl.LightningDataModule):
     """Base of the datasets: subclasses only list their samples in `find_samples`.
 
-    Train: the training normals minus a validation holdout (`val_ratio` of them, at least one,
-    drawn with `seed`), with `train_augmentations`. Validation: the holdout (or the subclass's own
-    validation normals). Test and predict: the test set. Every loader yields :class:`Batch`.
+    Train: the training normals minus a validation holdout (`val_ratio` of them, at least one, drawn
+    with `split_seed`, which is fixed by default so that a sweep over the run's `seed` keeps one split),
+    with `train_augmentations`. Validation: the holdout (or the subclass's own validation normals);
+    with `val_ratio=0` every normal trains and validation scores the training normals themselves, so
+    thresholds still come from normal images only (they run lower than an unseen normal's score: a
+    threshold from these is a lower bound). `threshold_source` names the source and setup logs it.
+    Test and predict: the test set. Every loader yields :class:`Batch`.
+
+    Setup checks the data before any training (`anomaly_lab.data.prescan`): every image file's header
+    and completeness, each mask's size against its image's, empty masks of anomalous images
+    (`empty_masks`: error or warn), a test set holding both classes, and at least one validation, test
+    and normal image per device.
 
     Semi-supervised setting: with `anomaly_ratio` (gamma) > 0, labelled anomalies (label 1 in the
     Batch) drawn from the subclass's anomaly pool with `sample_seed` (default: `seed`) join the
@@ -119,6 +136,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         val_ratio: float = 0.1,
         seed: int = 0,
+        split_seed: int = 0,
         train_augmentations: Sequence[A.BasicTransform] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -127,8 +145,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         sample_seed: int | None = None,
         train_views: int = 0,
         view_augmentations: Sequence[A.BasicTransform] | None = None,
+        empty_masks: str = "error",
     ):
         super().__init__()
+        if empty_masks not in EMPTY_MASK_POLICIES:
+            raise ConfigError(f"data.empty_masks={empty_masks!r} must be one of {', '.join(EMPTY_MASK_POLICIES)}")
         if not 0 <= val_ratio < 1:
             raise ConfigError(f"data.val_ratio={val_ratio} must be in [0, 1)")
         if not 0 <= anomaly_ratio < 1:
@@ -144,12 +165,20 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.category = str(category)
         self.resize_size = as_size(image_size, "data.image_size")
         self.crop_size = None if crop_size is None else as_size(crop_size, "data.crop_size")
+        if self.crop_size is not None and any(c > r for c, r in zip(self.crop_size, self.resize_size, strict=True)):
+            raise ConfigError(
+                f"data.crop_size={list(self.crop_size)} is larger than data.image_size={list(self.resize_size)}: "
+                "the centre crop is taken from the resized image, so it must fit inside it"
+            )
         self.image_size = self.crop_size or self.resize_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.val_ratio = val_ratio
         self.seed = seed
+        self.split_seed = split_seed
+        self.empty_masks = empty_masks
+        self.threshold_source: str | None = None
         self.anomaly_ratio = anomaly_ratio
         self.sample_seed = seed if sample_seed is None else sample_seed
         self.train_augmentations = list(train_augmentations or [])
@@ -174,13 +203,24 @@ class AnomalyDataModule(pl.LightningDataModule):
             return
         found = self.find_samples()
         split = found if isinstance(found, SampleSplit) else SampleSplit(*found)
-        if split.validation is None:
-            kept, held_out = split_holdout(len(split.normals), self.val_ratio, self.seed)
+        if split.validation is not None:
+            fit_normals, validation = split.normals, split.validation
+            self.threshold_source = f"the dataset's {len(validation)} validation normals"
+        elif self.val_ratio == 0:
+            fit_normals = validation = split.normals
+            self.threshold_source = (
+                f"the {len(validation)} training normals' own scores (data.val_ratio=0: every normal trains)"
+            )
+        else:
+            kept, held_out = split_holdout(len(split.normals), self.val_ratio, self.split_seed)
             fit_normals = [split.normals[i] for i in kept]
             validation = [split.normals[i] for i in held_out]
-        else:
-            fit_normals, validation = split.normals, split.validation
+            self.threshold_source = (
+                f"a holdout of {len(validation)} of the {len(split.normals)} training normals "
+                f"(data.val_ratio={self.val_ratio}, data.split_seed={self.split_seed})"
+            )
         anomalies = self._labelled_anomalies(split.anomaly_pool, len(fit_normals))
+        self._check(fit_normals, validation, split.test, anomalies)
         train_transform = self._transform(self.train_augmentations)
         eval_transform = self._transform([])
         view_transform = self._transform(self.view_augmentations) if self.train_views else None
@@ -189,6 +229,22 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks)
         self.val_set = AnomalyDataset(validation, eval_transform, self.has_masks)
         self.test_set = AnomalyDataset(split.test, eval_transform, self.has_masks)
+        rank_zero_info(f"thresholds: from {self.threshold_source}")
+
+    def _check(self, fit_normals: list[Sample], validation: list[Sample], test: list[Sample],
+               anomalies: list[Sample]) -> None:
+        """Stop before training on anything that would fail or mislead later (see the class docstring)."""
+        name = f"{self.dataset_name or type(self).__name__}/{self.category}"
+        check_both_classes([sample.label for sample in test], f"the test set of {name}")
+        _, world_size = self._devices()
+        for role, samples in (("validation", validation), ("test", test), ("training normal", fit_normals)):
+            if len(samples) < world_size:
+                raise DataError(
+                    f"{name} has {len(samples)} {role} image(s) for {world_size} devices: every device needs at "
+                    "least one (a device without images skips its loop and the others wait for it until the "
+                    "DDP timeout); raise data.val_ratio, or set data.val_ratio=0, or use fewer devices"
+                )
+        scan_samples(fit_normals + validation + test + anomalies, self.has_masks, self.empty_masks)
 
     def _labelled_anomalies(self, pool: list[Sample], n_normal: int) -> list[Sample]:
         if self.anomaly_ratio == 0:

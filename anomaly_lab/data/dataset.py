@@ -9,6 +9,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from anomaly_lab.errors import DataError
@@ -26,6 +27,7 @@ class Sample:
     `target`: the class index (one-vs-all datasets), passed on to `Batch.target`.
     `box`: (left, top, width, height) in pixels; the image is cropped to it after reading (datasets
     without masks: masks are not cropped).
+    `defect`: the defect type of an anomalous image (e.g. its test folder's name), None otherwise.
     """
 
     image_path: Path
@@ -34,6 +36,7 @@ class Sample:
     target: int | None = None
     pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
     box: tuple[int, int, int, int] | None = None
+    defect: str | None = None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -65,8 +68,17 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Binary float32 [H, W]: 1 where the mask file is non-zero."""
-    return (_decode(path, cv2.IMREAD_GRAYSCALE) > 0).astype(np.float32)
+    """Binary float32 [H, W]: 1 where the mask file is non-zero, at its own bit depth (8- or 16-bit,
+    1-bit) and, for palette files, where the palette index is non-zero; alpha is ignored."""
+    try:
+        with Image.open(path) as mask:
+            bands = mask.getbands()
+            pixels = np.asarray(mask)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read mask {path}: {error}") from error
+    if pixels.ndim == 3:
+        pixels = pixels[..., [i for i, band in enumerate(bands) if band != "A"]].max(axis=2)
+    return (pixels != 0).astype(np.float32)
 
 
 class AnomalyDataset(Dataset):
@@ -105,7 +117,11 @@ class AnomalyDataset(Dataset):
         image = read_image(sample.image_path) if sample.pixels is None else sample.pixels
         if sample.box is not None:
             image = crop(image, sample.box)
-        item = {"label": sample.label, "path": str(sample.image_path)}
+        item = {
+            "label": sample.label, "path": str(sample.image_path), "defect": sample.defect,
+            "mask_path": None if sample.mask_path is None else str(sample.mask_path),
+            "original_size": tuple(image.shape[:2]),
+        }
         if sample.target is not None:
             item["target"] = sample.target
         if self.views > 0:

@@ -41,5 +41,5 @@ class MVTecDataModule(AnomalyDataModule):
                 continue
             mask_dir = category_dir / "ground_truth" / type_dir.name
             masks = mask_index(mask_dir)
-            test += [Sample(p, 1, find_mask(masks, mask_dir, p, ("_mask",))) for p in images]
+            test += [Sample(p, 1, find_mask(masks, mask_dir, p, ("_mask",)), defect=type_dir.name) for p in images]
         return normals, test

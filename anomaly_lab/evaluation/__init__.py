@@ -2,6 +2,18 @@
 
 from anomaly_lab.evaluation.defect_area import DefectAreaEvaluator
 from anomaly_lab.evaluation.evaluator import Evaluator
-from anomaly_lab.evaluation.metrics import AUPRO, F1Max, quantile_threshold
+from anomaly_lab.evaluation.metrics import (
+    BinnedPixelMetrics,
+    ExactPixelMetrics,
+    image_metrics,
+    quantile_threshold,
+)
 
-__all__ = ["AUPRO", "DefectAreaEvaluator", "Evaluator", "F1Max", "quantile_threshold"]
+__all__ = [
+    "BinnedPixelMetrics",
+    "DefectAreaEvaluator",
+    "Evaluator",
+    "ExactPixelMetrics",
+    "image_metrics",
+    "quantile_threshold",
+]
