@@ -72,3 +72,9 @@ def write_toy_cifar10(root: Path, per_class_train: int, per_class_test: int, see
         write(f"data_batch_{b + 1}", train_targets[b::5])
     write("test_batch", [c for _ in range(per_class_test) for c in range(10)])
     return folder
+
+
+def synthetic_dir(data_root: Path, kind: str = "texture") -> Path:
+    """The one generated `kind` dataset under `data_root/synthetic` (its folder is named `<kind>-<key>`)."""
+    (folder,) = (data_root / "synthetic").glob(f"{kind}-*")
+    return folder

@@ -16,7 +16,7 @@ from anomaly_lab.errors import ConfigError
 from anomaly_lab.export import OnnxEngine, inverse_small, pad_ellipsis_ranks
 from anomaly_lab.predict import Preprocessing, predict
 from anomaly_lab.run import load_weights, train, with_run_config
-from tests.helpers import CONF, TINY_RUN, compose_config
+from tests.helpers import CONF, TINY_RUN, compose_config, synthetic_dir
 
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 TOLERANCE = 1e-4
@@ -52,7 +52,7 @@ def test_onnx_scores_and_maps_equal_pytorch(model_name, data_root, tmp_path):
     assert onnx_file.read_bytes() == written
 
     # The same inputs through PyTorch and onnxruntime, in batches of another size than the export's example.
-    folder = shutil.copytree(data_root / "synthetic" / "texture" / "test", tmp_path / "images")
+    folder = shutil.copytree(synthetic_dir(data_root) / "test", tmp_path / "images")
     paths = sorted(folder.rglob("*.png"))
     run_cfg = with_run_config(compose_config("predict", [f"ckpt_path={ckpt}"]))
     model = load_weights(instantiate(run_cfg.model), ckpt).eval()

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from anomaly_lab.errors import ConfigError, DataError
 from anomaly_lab.predict import Preprocessing, output_names, predict
 from anomaly_lab.run import load_weights, train, with_run_config
-from tests.helpers import REPO, TINY_RUN, compose_config
+from tests.helpers import REPO, TINY_RUN, compose_config, synthetic_dir
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def ckpt(data_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def folder(data_root, tmp_path_factory) -> Path:
     """Test images of the run's dataset as png, jpg (other size), grayscale bmp and tif, and a text file."""
-    source = data_root / "synthetic" / "texture" / "test"
+    source = synthetic_dir(data_root) / "test"
     folder = tmp_path_factory.mktemp("images")
     shutil.copy(source / "good" / "000.png", folder / "good.png")
     shutil.copy(source / "scratch" / "000.png", folder / "scratch.png")
@@ -85,7 +85,7 @@ def test_predict_scores_every_image_and_reports_the_non_image(ckpt, folder, tmp_
 def test_scores_are_those_of_the_run_evaluation(ckpt, data_root, tmp_path):
     """Images read by predict go through the run's eval transform: the scores equal the model's on the
     datamodule's test batches."""
-    test_folder = data_root / "synthetic" / "texture" / "test"
+    test_folder = synthetic_dir(data_root) / "test"
     predictions = {p.path: p.image_score for p in run_predict(ckpt, tmp_path, f"input={test_folder}")}
     cfg = with_run_config(compose_config("predict", [f"ckpt_path={ckpt}", f"paths.data_root={data_root}"]))
     datamodule, model = instantiate(cfg.data), load_weights(instantiate(cfg.model), ckpt).use_channels_last().eval()

@@ -101,13 +101,13 @@ def _hard(rng: np.random.Generator, size: int, defect: str | None) -> tuple[np.n
     HARD_DEFECT_TYPES written into the main grating's phase inside a small disc: (image, mask).
     Lengths are fractions of the image side, so that every size shows the same weave."""
     y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
-    angle = np.deg2rad(30 + rng.normal(0, 10))
-    frequencies = 2 * np.pi * rng.uniform(0.97, 1.03) * np.array([11.0, 7.0])  # periods 1/11 and 1/7 of the side
+    angle = np.deg2rad(30 + rng.normal(0, 2))
+    frequencies = 2 * np.pi * rng.uniform(0.99, 1.01) * np.array([11.0, 7.0])  # periods 1/11 and 1/7 of the side
     phases = [
         frequencies[0] * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi),
         frequencies[1] * (y * np.cos(angle) - x * np.sin(angle)) + rng.uniform(0, 2 * np.pi),
     ]
-    phases = [phase + 0.5 * _smooth_noise(rng, size, 3) for phase in phases]  # a slow warp
+    phases = [phase + 0.15 * _smooth_noise(rng, size, 3) for phase in phases]  # a slow warp
     mask = np.zeros((size, size), bool)
     if defect is not None:
         centre, radius = rng.uniform(0.2, 0.8, 2), rng.uniform(0.06, 0.1)
@@ -129,7 +129,7 @@ def _hard(rng: np.random.Generator, size: int, defect: str | None) -> tuple[np.n
     light = rng.uniform(0.97, 1.03) + 0.08 * (slope[0] * (x - 0.5) + slope[1] * (y - 0.5))
     colour = np.array([0.75, 0.7, 0.6]) * rng.uniform(0.97, 1.03, 3)
     image = (light * (0.55 + 0.18 * rng.uniform(0.95, 1.05) * weave))[..., None] * colour
-    return image + 0.02 * rng.standard_normal((size, size, 1)), mask
+    return image + 0.07 * rng.standard_normal((size, size, 1)), mask
 
 
 PAINTED_DEFECTS: dict[str, Callable] = {"scratch": _scratch, "blob": _blob, "color": _color}

@@ -2,15 +2,15 @@
 
     python experiments/benchmarks/evaluator_memory.py [--images 1725] [--size 256] [--bits 12 8]
 
-Each measurement runs in its own interpreter (this file re-invoked with `task ...`), so that no run's memory
-or caches carry over to another: a Lightning `trainer.test` of a stand-in model (its map is the
+Each measurement runs in its own interpreter (this file re-invoked with `task ...`), so that no run's
+memory or caches carry over to another: a Lightning `trainer.test` of a stand-in model (its map is the
 batch's image, its image score the map's maximum) over generated batches of 25, with the Evaluator
 computing image metrics only (the baseline: generation, loop, image metrics), exact pixel metrics,
 and binned pixel metrics for each `--bits`, then the first `--bits` again with glibc's mmap threshold
-fixed (see `main`). Memory: the process's peak RSS during the test (VmHWM, reset
-through /proc/self/clear_refs just before) minus its RSS before. Time: the whole test, the Evaluator's
-per-batch work (summed) and its metrics at the end. Writes results/evaluator_memory.json and .md, with each binned value's distance to exact
-and its error bound.
+fixed (see `main`). Memory: the process's peak RSS during the test (VmHWM, reset through
+/proc/self/clear_refs just before) minus its RSS before. Time: the whole test, the Evaluator's
+per-batch work (summed) and its metrics at the end. Writes results/evaluator_memory.json and .md,
+with each binned value's distance to exact and its error bound.
 
 Images: 467 of 1,725 normal (MVTec AD's share, spread over the stream); a map is a smooth random field
 plus noise plus a random strength inside the mask; an anomalous image's mask holds 1 to 3 ellipses.
