@@ -81,6 +81,16 @@ def read_mask(path: Path) -> np.ndarray:
     return (pixels != 0).astype(np.float32)
 
 
+def check_mask_size(mask_path: Path | str, mask_size: tuple[int, ...], image_path: Path | str,
+                    image_size: tuple[int, ...]) -> None:
+    """DataError unless a mask's (height, width) is its image's."""
+    if tuple(mask_size) != tuple(image_size):
+        raise DataError(
+            f"mask {mask_path} is {mask_size[1]}x{mask_size[0]} but its image is {image_size[1]}x{image_size[0]} "
+            f"({image_path}): a mask must have its image's size"
+        )
+
+
 class AnomalyDataset(Dataset):
     """Samples read and transformed on access.
 
@@ -133,11 +143,7 @@ class AnomalyDataset(Dataset):
             mask = np.zeros(image.shape[:2], dtype=np.float32)
         else:
             mask = read_mask(sample.mask_path)
-            if mask.shape != image.shape[:2]:
-                raise DataError(
-                    f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{sample.image_path} is {image.shape[1]}x{image.shape[0]}: a mask must have its image's size"
-                )
+            check_mask_size(sample.mask_path, mask.shape, sample.image_path, image.shape[:2])
         out = self.transform(image=image, mask=mask)
         item["image"] = out["image"]
         item["mask"] = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)

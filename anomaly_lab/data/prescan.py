@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from anomaly_lab.data.dataset import Sample, read_mask
+from anomaly_lab.data.dataset import Sample, check_mask_size, read_mask
 from anomaly_lab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ def scan_samples(samples: Sequence[Sample], with_masks: bool, empty_masks: str =
         size = image_size(sample.image_path)
         if not with_masks or sample.mask_path is None:
             continue
-        mask_size = image_size(sample.mask_path)
-        if mask_size != size and sample.box is None:
-            raise DataError(
-                f"mask {sample.mask_path} is {mask_size[1]}x{mask_size[0]} but its image {sample.image_path} "
-                f"is {size[1]}x{size[0]}: a mask must have its image's size"
-            )
-        if sample.label == 1 and not read_mask(sample.mask_path).any():
-            empty.append(sample.mask_path)
+        if sample.label == 1:  # decoded (it must not be empty), so its size and completeness come with it
+            mask = read_mask(sample.mask_path)
+            mask_size = mask.shape
+            if not mask.any():
+                empty.append(sample.mask_path)
+        else:
+            mask_size = image_size(sample.mask_path)
+        check_mask_size(sample.mask_path, mask_size, sample.image_path, size)
     if empty:
         message = (
             f"{len(empty)} mask(s) of anomalous images mark no anomalous pixel, e.g. {empty[0]}: "

@@ -26,6 +26,7 @@ import numpy as np
 
 from anomaly_lab.data.datamodule import AnomalyDataModule
 from anomaly_lab.data.dataset import Sample
+from anomaly_lab.data.mvtec import mvtec_samples
 from anomaly_lab.errors import ConfigError, DataError
 
 MARKER_NAME = ".anomaly_lab_synthetic.json"
@@ -306,12 +307,4 @@ class SyntheticDataModule(AnomalyDataModule):
         super().setup(stage)
 
     def find_samples(self) -> tuple[list[Sample], list[Sample]]:
-        def images(*parts: str) -> list[Path]:
-            return sorted(self.folder.joinpath(*parts).glob("*.png"))
-
-        normals = [Sample(p, 0) for p in images("train", "good")]
-        test = [Sample(p, 0) for p in images("test", "good")]
-        for defect in KINDS[self.category][1]:
-            masks = self.folder / "ground_truth" / defect
-            test += [Sample(p, 1, masks / f"{p.stem}_mask.png", defect=defect) for p in images("test", defect)]
-        return normals, test
+        return mvtec_samples(self.folder)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomaly_lab.data.batch import Batch
-from anomaly_lab.data.dataset import read_mask
+from anomaly_lab.data.dataset import check_mask_size, read_mask
 from anomaly_lab.data.prescan import check_both_classes
 from anomaly_lab.errors import ConfigError, DataError
 from anomaly_lab.evaluation.distributed import gather_to_rank_zero, on_rank_zero
@@ -195,11 +195,11 @@ class Evaluator(pl.Callback):
                 "not carry: use evaluator.pixel_resolution=input"
             )
         maps, masks = [], []
-        for score, (height, width), mask_path in zip(anomaly_map, batch.original_size.tolist(), batch.mask_path,
-                                                     strict=True):
+        for score, (height, width), mask_path, path in zip(anomaly_map, batch.original_size.tolist(), batch.mask_path,
+                                                           batch.path, strict=True):
             upsampled = F.interpolate(score[None].float(), size=(height, width), mode="bilinear", align_corners=False)
             maps.append(self._on_cpu("anomaly-map pixels", upsampled[0, 0]))
-            masks.append(original_mask(mask_path, height, width))
+            masks.append(original_mask(mask_path, path, height, width))
         return maps, masks
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,16 +241,12 @@ def model_name(pl_module: pl.LightningModule) -> str:
     return getattr(pl_module, "name", type(pl_module).__name__)
 
 
-def original_mask(mask_path: str | None, height: int, width: int) -> Tensor:
-    """The mask file as bool [height, width] (True = anomalous); all False without a file."""
+def original_mask(mask_path: str | None, image_path: str, height: int, width: int) -> Tensor:
+    """The mask file of `image_path` as bool [height, width] (True = anomalous); all False without a file."""
     if mask_path is None:
         return torch.zeros(height, width, dtype=torch.bool)
     mask = read_mask(Path(mask_path))
-    if mask.shape != (height, width):
-        raise DataError(
-            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}: "
-            "a mask must have its image's size"
-        )
+    check_mask_size(mask_path, mask.shape, image_path, (height, width))
     return torch.from_numpy(mask > 0.5)
 
 
