@@ -12,7 +12,7 @@ os.environ.setdefault("ANOMALY_LAB_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 
-from anomaly_lab.predict import predict  # noqa: E402
+from anomaly_lab.deploy.predict import predict  # noqa: E402
 from anomaly_lab.run import entry_point  # noqa: E402
 
 

@@ -9,6 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from anomaly_lab.run import train
+from tests.helpers import TINY_RUN, compose_config
+
 TREE_IMAGE_SIZE = (40, 48)  # (h, w): not square, to catch swapped axes
 DEFECT_COLOUR = (255, 0, 0)  # pure red on gray: the only red pixels of an image are its defect
 
@@ -87,3 +90,26 @@ def make_btad_tree(tmp_path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+class TinyRuns:
+    """Runs of `model=<name>` trained once per test session on tiny synthetic data (`TINY_RUN`), all
+    on one generated dataset under `data_root`; `checkpoint(name)` trains on first use."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.data_root = folder / "data"
+        self._checkpoints: dict[str, Path] = {}
+
+    def checkpoint(self, model: str) -> Path:
+        if model not in self._checkpoints:
+            run_dir = self.folder / model
+            train(compose_config("train", [f"model={model}", f"paths.data_root={self.data_root}", *TINY_RUN],
+                                 output_dir=run_dir))
+            self._checkpoints[model] = run_dir / "checkpoints" / "last.ckpt"
+        return self._checkpoints[model]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> TinyRuns:
+    return TinyRuns(tmp_path_factory.mktemp("tiny_runs"))

@@ -8,19 +8,18 @@ import pytest
 import torch
 
 from anomaly_lab.errors import ConfigError
-from anomaly_lab.models.anomem import cosine
-from anomaly_lab.models.anomem_parts import (
+from anomaly_lab.models.anomem.losses import (
     VARIANCE_EPS,
     double_hinge,
-    kmeans,
     mem,
     merge_scales,
-    nearest_prototype,
     sample_positions,
     variance_loss,
 )
+from anomaly_lab.models.anomem.memory import HopfieldMemory
+from anomaly_lab.models.anomem.model import cosine
+from anomaly_lab.models.anomem.prototypes import kmeans, nearest_prototype
 from anomaly_lab.nn.contrastive import nt_xent
-from anomaly_lab.nn.hopfield import HopfieldMemory
 
 
 def test_mem_retrieves_normal_samples_and_leaves_anomalous_ones_untouched():

@@ -13,15 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from anomaly_lab.data import Batch
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models import CPCAD
-from anomaly_lab.models.cpc_ad import (
-    DIRECTIONS,
-    context_and_target,
-    directional_info_nce,
-    image_scores,
-    subpatch_map,
-)
+from anomaly_lab.models.cpc_ad.encoder import PreActResNet18
+from anomaly_lab.models.cpc_ad.info_nce import DIRECTIONS, context_and_target, directional_info_nce
+from anomaly_lab.models.cpc_ad.scores import image_scores, subpatch_map
 from anomaly_lab.nn.contrastive import info_nce
-from anomaly_lab.nn.preact_resnet import PreActResNet18
 from anomaly_lab.run import train
 from tests.helpers import CONF, compose_config
 

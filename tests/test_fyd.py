@@ -11,9 +11,10 @@ from torch import nn
 
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models import FYD
-from anomaly_lab.models.fyd import distance_variance, ica_loss
-from anomaly_lab.nn.simsiam import DenseSimSiam, negative_cosine, symmetric_negative_cosine
-from anomaly_lab.nn.spatial_transformer import rotation_matrix, warp
+from anomaly_lab.models.fyd.alignment import ica_loss
+from anomaly_lab.models.fyd.model import distance_variance
+from anomaly_lab.models.fyd.simsiam import DenseSimSiam, negative_cosine, symmetric_negative_cosine
+from anomaly_lab.models.fyd.spatial_transformer import rotation_matrix, warp
 from anomaly_lab.run import train
 from tests.helpers import compose_config
 

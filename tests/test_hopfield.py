@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from anomaly_lab.nn.hopfield import HopfieldMemory, hopfield_retrieve, hopfield_update
+from anomaly_lab.models.anomem.memory import HopfieldMemory, hopfield_retrieve, hopfield_update
 
 
 def test_update_equals_eq1_by_hand():

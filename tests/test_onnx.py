@@ -12,25 +12,14 @@ import torch
 from hydra.utils import instantiate
 
 from anomaly_lab.data.dataset import read_image
+from anomaly_lab.deploy.onnx import OnnxEngine, inverse_small, pad_ellipsis_ranks
+from anomaly_lab.deploy.predict import Preprocessing, predict
 from anomaly_lab.errors import ConfigError
-from anomaly_lab.export import OnnxEngine, inverse_small, pad_ellipsis_ranks
-from anomaly_lab.predict import Preprocessing, predict
-from anomaly_lab.run import load_weights, train, with_run_config
-from tests.helpers import CONF, TINY_RUN, compose_config, synthetic_dir
+from anomaly_lab.run import load_weights, with_run_config
+from tests.helpers import CONF, compose_config, synthetic_dir
 
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-def tiny_run(model: str, data_root: Path, run_dir: Path) -> Path:
-    """Train `model=<model>` on tiny synthetic data; return its checkpoint."""
-    train(compose_config("train", [f"model={model}", f"paths.data_root={data_root}", *TINY_RUN], output_dir=run_dir))
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def export(ckpt: Path, output_dir: Path) -> list:
@@ -38,8 +27,8 @@ def export(ckpt: Path, output_dir: Path) -> list:
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_onnx_scores_and_maps_equal_pytorch(model_name, data_root, tmp_path):
-    ckpt = tiny_run(model_name, data_root, tmp_path / "run")
+def test_onnx_scores_and_maps_equal_pytorch(model_name, tiny_runs, tmp_path):
+    ckpt = tiny_runs.checkpoint(model_name)
 
     # Export alone (no input): the file, with every statistic inside, and nothing overwritten after.
     onnx_file = tmp_path / "export" / "model.onnx"
@@ -52,7 +41,7 @@ def test_onnx_scores_and_maps_equal_pytorch(model_name, data_root, tmp_path):
     assert onnx_file.read_bytes() == written
 
     # The same inputs through PyTorch and onnxruntime, in batches of another size than the export's example.
-    folder = shutil.copytree(synthetic_dir(data_root) / "test", tmp_path / "images")
+    folder = shutil.copytree(synthetic_dir(tiny_runs.data_root) / "test", tmp_path / "images")
     paths = sorted(folder.rglob("*.png"))
     run_cfg = with_run_config(compose_config("predict", [f"ckpt_path={ckpt}"]))
     model = load_weights(instantiate(run_cfg.model), ckpt).eval()

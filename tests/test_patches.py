@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anomaly_lab.errors import ConfigError
-from anomaly_lab.nn.patches import average_patch_scores, fold_patches, grid_size, unfold_patches
+from anomaly_lab.models.cpc_ad.patches import average_patch_scores, fold_patches, grid_size, unfold_patches
 
 
 def test_grid_size_counts_tiling_patches_and_rejects_the_others():

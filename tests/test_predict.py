@@ -17,8 +17,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from anomaly_lab.deploy.predict import Preprocessing, output_names, predict
 from anomaly_lab.errors import ConfigError, DataError
-from anomaly_lab.predict import Preprocessing, output_names, predict
 from anomaly_lab.run import load_weights, train, with_run_config
 from tests.helpers import REPO, TINY_RUN, compose_config, synthetic_dir
 

@@ -13,19 +13,20 @@ import pytest
 
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.report import main, parse_arguments
-from anomaly_lab.report_tables import MVTEC_OBJECTS, MVTEC_TEXTURES, PaperTables, ReportOptions, build_report
+from anomaly_lab.report.tables import MVTEC_OBJECTS, MVTEC_TEXTURES, PaperTables, ReportOptions, build_report
 from tests.helpers import REPO
 
 TEXTURES, OBJECTS = ["carpet", "grid"], ["bottle", "screw"]
 
 
-def write_job(folder: Path, model: str, category: str, seed: int, metrics: dict, experiment=None, overrides=()):
+def write_job(folder: Path, model: str, category: str, seed: int, metrics: dict, experiment=None, overrides=(),
+              **record):
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "model": model, "data": "mvtec", "category": category, "seed": seed,
         "config": {"model": model, "data": f"mvtec/{category}", "trainer": "default", "experiment": experiment},
         "metrics": metrics, **({"overrides": [f"data=mvtec/{category}", f"seed={seed}", *overrides]}
-                               if overrides is not None else {}),
+                               if overrides is not None else {}), **record,
     }))
 
 
@@ -168,6 +169,22 @@ def test_jobs_that_recorded_no_overrides_are_not_told_apart_by_them(tmp_path):
     report = build_report([tmp_path], ReportOptions())
     assert [job.method for job in report.jobs] == ["padim", "padim"]
     assert report.failed[0].error == "RuntimeError: out of memory"
+
+
+def test_the_report_says_where_pixel_metrics_were_measured_and_what_set_the_thresholds(tmp_path):
+    for job, (category, count) in enumerate([("carpet", 21), ("bottle", 20)]):
+        write_job(tmp_path / str(job), "padim", category, 0, {"pixel_auroc": 0.9}, pixel_resolution="original",
+                  threshold_source=f"a holdout of {count} of the {10 * count} training normals "
+                                   "(data.val_ratio=0.1, data.split_seed=0)")
+    write_job(tmp_path / "2", "fyd", "carpet", 0, {"pixel_auroc": 0.8}, pixel_resolution="input 256x256",
+              threshold_source="the 280 training normals' own scores (data.val_ratio=0: every normal trains)")
+    main([str(tmp_path), "report.chart=false"])
+    lines = {line.split("**")[1]: line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+             if line.startswith("- **")}
+    assert lines["padim"].endswith("; pixel metrics at original resolution; thresholds from a holdout of "
+                                   "training normals (data.val_ratio=0.1, data.split_seed=0)")
+    assert lines["fyd"].endswith("; pixel metrics at input 256x256 resolution; thresholds from the training "
+                                 "normals' own scores (data.val_ratio=0: every normal trains)")
 
 
 def test_missing_classes_are_named_in_the_notes(report_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anomaly_lab.errors import ConfigError
-from anomaly_lab.nn.spatial_transformer import (
+from anomaly_lab.models.fyd.spatial_transformer import (
     SpatialTransformer,
     compose_affine,
     invert_affine,

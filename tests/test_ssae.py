@@ -12,10 +12,10 @@ from torch import nn
 
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models import Ssae
-from anomaly_lab.models.ssae import check_schedule, training_size
-from anomaly_lab.models.ssae_corruption import PatchCorruption
-from anomaly_lab.models.ssae_net import SsaeNet
-from anomaly_lab.models.ssae_objectives import objective_eq1, objective_eq3
+from anomaly_lab.models.ssae.corruption import PatchCorruption
+from anomaly_lab.models.ssae.model import check_schedule, training_size
+from anomaly_lab.models.ssae.network import SsaeNet
+from anomaly_lab.models.ssae.objectives import objective_eq1, objective_eq3
 from anomaly_lab.run import train
 from tests.helpers import compose_config
 

@@ -1,4 +1,6 @@
-"""One module per method, each a LightningModule over :class:`AnomalyModel`."""
+"""The methods: one folder per method (its LightningModule in `model.py`, beside its own networks,
+losses and scores), each a LightningModule over :class:`AnomalyModel` (`base.py`); PaDiM, the baseline,
+is one module. Blocks that two methods share live in `anomaly_lab.nn`."""
 
 from anomaly_lab.models.anomem import AnoMem
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +12,16 @@ from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from anomaly_lab.errors import ConfigError, WeightsUnavailableError
+
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_layers(layers: Sequence[str]) -> list[str]:
+    """`layers` (model.layers) as a list: a non-empty choice out of RESNET_LAYERS, else a ConfigError."""
+    layers = list(layers)
+    if not layers or any(name not in RESNET_LAYERS for name in layers):
+        raise ConfigError(f"model.layers={layers}: expected a non-empty list out of {list(RESNET_LAYERS)}")
+    return layers
 
 
 def resolve_weights(arch: str, weights: str | None):

@@ -90,7 +90,7 @@ def references(category_dir: str, repeats: int) -> dict:
     import torch
 
     from anomaly_lab.models import CPCAD
-    from anomaly_lab.nn.patches import unfold_patches
+    from anomaly_lab.models.cpc_ad.patches import unfold_patches
 
     decode = measure.references(category_dir, repeats, image_size=IMAGE_SIZE)
     model = CPCAD(**model_kwargs(0)).eval()

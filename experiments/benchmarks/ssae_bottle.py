@@ -97,7 +97,7 @@ def run_model(model: str, image_size: int, epochs: int, seed: int, num_workers: 
 def bare_forward(image_size: int, repeats: int) -> dict:
     import torch
 
-    from anomaly_lab.models.ssae_net import SsaeNet
+    from anomaly_lab.models.ssae.network import SsaeNet
 
     torch.manual_seed(0)
     net, images = SsaeNet(), torch.rand(8, 3, image_size, image_size)

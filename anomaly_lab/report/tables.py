@@ -1,31 +1,40 @@
-"""Read job folders and build the per-metric class x method tables of `python -m anomaly_lab.report`
-(see that module for what the report holds)."""
+"""The per-metric class x method tables of `python -m anomaly_lab.report`, with the papers' numbers
+(`experiments/<experiment>/paper*.csv`) beside ours (see `anomaly_lab.report.cli` for what the report
+holds)."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly_lab.errors import ConfigError
+from anomaly_lab.report.runs import Job, canonical, find_jobs, name_methods, natural_key
 
 # The MVTec AD texture categories (as anomaly_lab.data.mvtec.MVTEC_TEXTURES, repeated here so that the
 # report does not import torch); the other ten categories are objects.
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
                  "transistor", "zipper")
+
+
 # The evaluator's metrics first, in this order; any other metric (a method's own protocol) after them.
 METRIC_ORDER = ("image_auroc", "image_ap", "image_f1", "pixel_auroc", "pixel_aupro", "pixel_f1")
+
+
 MEAN_ROWS = ("texture_mean", "object_mean", "mean")
+
+
 # Other names of the mean rows in the papers' csv files.
 PAPER_ROW_ALIASES = {"avg_all": "mean", "avg_textures": "texture_mean", "avg_objects": "object_mean",
                      "average": "mean"}
-# Overrides that choose the row (class), the seed (averaged) or the model (the column's name).
-ROW_KEYS = {"data", "data.root", "data.category", "data.normal_class", "seed", "model"}
+
+
 SETTING = re.compile(r"([A-Za-z_][\w.]*)=(\[[^\]]*\]|[^\s,;)]+)")
 
 
@@ -51,22 +60,6 @@ class ReportOptions:
     wandb_project: str = "anomaly-lab"
     wandb_entity: str | None = None
     wandb_mode: str = "offline"
-
-
-@dataclass
-class Job:
-    """One job folder: a finished run (metrics) or a failed one (error)."""
-
-    folder: Path
-    model: str | None
-    row: str | None
-    seed: int | None
-    experiment: str | None
-    overrides: dict[str, str]
-    metrics: dict[str, float] = field(default_factory=dict)
-    data: str | None = None  # the dataset's name
-    error: str | None = None
-    method: str = ""
 
 
 @dataclass
@@ -111,77 +104,6 @@ class Report:
     @property
     def failed(self) -> list[Job]:
         return [job for job in self.jobs if job.error is not None]
-
-
-# reading the job folders
-
-
-def find_jobs(folder: Path) -> list[Job]:
-    """Every job folder under `folder` (itself included): one holding metrics.json, failed.json or
-    Hydra's .hydra/ (a job that left no result: still running, killed or interrupted)."""
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder (expected a multirun folder, logs/train/multiruns/<time>)")
-    found = {p.parent for name in ("metrics.json", "failed.json", ".hydra") for p in folder.rglob(name)}
-    return [read_job(job_folder) for job_folder in sorted(found, key=_natural_key)]
-
-
-def read_job(folder: Path) -> Job:
-    metrics_file, failed_file = folder / "metrics.json", folder / "failed.json"
-    results = [f for f in (metrics_file, failed_file) if f.is_file()]
-    if not results:
-        return Job(folder, None, None, None, None, {}, error="no metrics.json: still running, killed or interrupted")
-    newest = max(results, key=lambda f: f.stat().st_mtime)  # a job re-run in its folder leaves both
-    try:
-        record = json.loads(newest.read_text())
-    except (OSError, ValueError) as error:
-        return Job(folder, None, None, None, None, {}, error=f"unreadable {newest.name}: {error}")
-    config = record.get("config") or {}
-    normal_class = record.get("normal_class")
-    row = str(normal_class) if normal_class is not None else record.get("category")
-    job = Job(folder, record.get("model") or config.get("model"), None if row is None else str(row),
-              record.get("seed"), config.get("experiment"), parse_overrides(record.get("overrides") or []),
-              data=record.get("data"))
-    if newest == failed_file:
-        job.error = record.get("error") or "failed (no error line recorded)"
-    else:
-        job.metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items() if v is not None}
-    return job
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, str]:
-    """Hydra override strings (`key=value`, `+key=value`) as a dict with blanks and quotes removed."""
-    parsed = {}
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep:
-            parsed[key.lstrip("+~")] = _canonical(value)
-    return parsed
-
-
-def _canonical(value: str) -> str:
-    return re.sub(r"[\s'\"]", "", value)
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-def name_methods(jobs: list[Job]) -> None:
-    """A job's method: its model, plus the experiment and overrides that differ between the jobs of
-    that model (`fyd (fyd_ablation=baseline)`)."""
-    settings = [{"experiment": job.experiment, **job.overrides} for job in jobs]
-    for model in {job.model for job in jobs}:
-        mine = [(job, s) for job, s in zip(jobs, settings, strict=True) if job.model == model]
-        keys = sorted({key for _, s in mine for key in s} - ROW_KEYS)
-        # Jobs that recorded no overrides (older metrics.json) tell nothing about the overrides' keys.
-        varying = [key for key in keys if key == "experiment" and len({s[key] for _, s in mine}) > 1
-                   or len({s.get(key) for job, s in mine if job.overrides}) > 1]
-        for job, s in mine:
-            details = ", ".join(f"{key}={s[key]}" for key in varying if s.get(key) is not None)
-            job.method = f"{model} ({details})" if details else str(model)
-
-
-# the tables
 
 
 def build_report(folders: list[Path], options: ReportOptions) -> Report:
@@ -239,7 +161,7 @@ def _jobs_of(jobs: list[Job], method: str) -> list[Job]:
 def _ordered_rows(classes: set[str], mvtec: bool) -> list[str]:
     if mvtec:
         return [c for c in MVTEC_TEXTURES + MVTEC_OBJECTS if c in classes]
-    return sorted(classes, key=lambda row: _natural_key(Path(row)))
+    return sorted(classes, key=lambda row: natural_key(Path(row)))
 
 
 def _metric_key(metric: str) -> tuple:
@@ -259,7 +181,7 @@ def _duplicate_notes(jobs: list[Job]) -> list[str]:
 def _experiments_dir(options: ReportOptions) -> Path:
     if options.experiments_dir:
         return Path(options.experiments_dir).expanduser()
-    root = os.environ.get("ANOMALY_LAB_ROOT") or Path(__file__).resolve().parents[1]
+    root = os.environ.get("ANOMALY_LAB_ROOT") or Path(__file__).resolve().parents[2]
     return Path(root) / "experiments"
 
 
@@ -301,7 +223,7 @@ class PaperTables:
         for row in self.rows(experiment):
             if row["metric"] != metric:
                 continue
-            named = {key: _canonical(value) for key, value in SETTING.findall(row["source"])}
+            named = {key: canonical(value) for key, value in SETTING.findall(row["source"])}
             if all(s.get(key) == value for s in settings for key, value in named.items()):
                 category = PAPER_ROW_ALIASES.get(row["category"], row["category"])
                 matches.setdefault(category, []).append(row)

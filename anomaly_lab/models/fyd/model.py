@@ -8,7 +8,7 @@ Training (Eq. 5): L = lambda_1 * L_ICA + lambda_2 * L_FAS, end to end.
   initialisation, after each backbone layer in `fca_layers` (Table 6), trained only through L_FAS.
 - Fine alignment (Eq. 3-4, Algorithm 1): the last backbone layer (after its FCA) of the batch and of
   a shuffled copy go through a dense SimSiam head (1x1-conv encoder f and predictor g); the loss is
-  the symmetric negative cosine with stop-gradient (`anomaly_lab.nn.simsiam`).
+  the symmetric negative cosine with stop-gradient (`anomaly_lab.models.fyd.simsiam`).
 - Backbone: the first three blocks of a ResNet-18 (or Wide-ResNet-50-2), fine-tuned by L_FAS.
 - Optimiser (supplement): SGD, momentum 0.9, weight decay 1e-5, lr 1e-4 (ICA 0.01), one cosine
   cycle; batch 32 and 224 x 224 images are data keys (conf/model/fyd.yaml).
@@ -38,24 +38,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
+from anomaly_lab.models.fyd.alignment import AlignedResNet, ica_loss
+from anomaly_lab.models.fyd.simsiam import DenseSimSiam
+from anomaly_lab.models.fyd.spatial_transformer import SpatialTransformer, compose_affine, invert_affine, warp
 from anomaly_lab.models.padim import concat_pyramid
-from anomaly_lab.nn.backbones import load_backbone
 from anomaly_lab.nn.gaussian import PositionalGaussian
-from anomaly_lab.nn.simsiam import DenseSimSiam
-from anomaly_lab.nn.spatial_transformer import SpatialTransformer, compose_affine, invert_affine, warp
-
-RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
-
-
-def ica_loss(aligned: Tensor, partner: Tensor) -> Tensor:
-    """L_ICA of Eq. 2, averaged: the l2 norm over channels of aligned[b] - aligned[partner[b]] at every
-    pixel, averaged over pixels and pairs (Eq. 2 sums; lambda_1 absorbs the constant)."""
-    return torch.linalg.vector_norm(aligned - aligned[partner], dim=1).mean()
 
 
 def distance_variance(count: Tensor, total: Tensor, total_squares: Tensor) -> Tensor:
@@ -63,56 +55,6 @@ def distance_variance(count: Tensor, total: Tensor, total_squares: Tensor) -> Te
     the variance over images (divided by N), sum D^2 / N - (sum D / N)^2, averaged over positions."""
     mean = total / count
     return (total_squares / count - mean * mean).clamp_min(0).mean()
-
-
-class AlignedResNet(nn.Module):
-    """The stem and `layers` of a torchvision ResNet, with an affine spatial transformer (FCA) after
-    each layer in `fca_layers`; `forward(x) -> (features of each layer, {layer: FCA theta})`."""
-
-    def __init__(self, arch: str, weights: str | None, layers: Sequence[str], fca_layers: Sequence[str],
-                 stn_kwargs: dict):
-        super().__init__()
-        layers, fca_layers = list(layers), list(fca_layers)
-        if not layers or any(name not in RESNET_LAYERS for name in layers):
-            raise ConfigError(f"model.layers={layers}: expected a non-empty list out of {list(RESNET_LAYERS)}")
-        if any(name not in layers for name in fca_layers):
-            raise ConfigError(f"model.fca_layers={fca_layers}: every FCA layer must be one of model.layers={layers}")
-        net = load_backbone(arch, weights)
-        if not all(hasattr(net, name) for name in ("conv1", "bn1", "relu", "maxpool", *layers)):
-            raise ConfigError(f"model.backbone={arch!r}: FYD needs a ResNet (resnet18, wide_resnet50_2, ...)")
-        self.layers = layers
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        depth = RESNET_LAYERS.index(layers[-1]) + 1
-        self.blocks = nn.ModuleDict({name: getattr(net, name) for name in RESNET_LAYERS[:depth]})
-        channels = self._channels()
-        self.fca = nn.ModuleDict(
-            {name: SpatialTransformer(channels[name], kind="affine", **stn_kwargs) for name in fca_layers}
-        )
-
-    @torch.no_grad()
-    def _channels(self) -> dict[str, int]:
-        """Output channels of each block (a dummy pass in eval mode: batch-norm statistics stay untouched)."""
-        was_training = self.training
-        self.eval()
-        x, channels = self.stem(torch.zeros(1, 3, 64, 64)), {}
-        for name, block in self.blocks.items():
-            x = block(x)
-            channels[name] = x.shape[1]
-        self.train(was_training)
-        return channels
-
-    def channels(self) -> list[int]:
-        return [self._channels()[name] for name in self.layers]
-
-    def forward(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
-        x, features, thetas = self.stem(x), [], {}
-        for name, block in self.blocks.items():
-            x = block(x)
-            if name in self.fca:
-                x, thetas[name] = self.fca[name](x)
-            if name in self.layers:
-                features.append(x)
-        return features, thetas
 
 
 class FYD(AnomalyModel):

@@ -1,12 +1,14 @@
-"""Write a `Report` (anomaly_lab.report_tables): per-metric CSV tables, `results.csv` (one line per method,
+"""Write a `Report` (anomaly_lab.report.tables): per-metric CSV tables, `results.csv` (one line per method,
 class and metric), `failed.csv`, `report.md`, a bar chart per metric and, optionally, a W&B run."""
 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
-from anomaly_lab.report_tables import MEAN_ROWS, Report, ReportOptions, Table
+from anomaly_lab.report.runs import Job
+from anomaly_lab.report.tables import MEAN_ROWS, Report, ReportOptions, Table
 
 
 def write_report(report: Report, output_dir: Path, options: ReportOptions) -> None:
@@ -115,7 +117,8 @@ def to_markdown(report: Report, chart: bool) -> str:
         runs = [job for job in jobs if job.method == method]
         seeds = sorted({job.seed for job in runs}, key=str)
         lines.append(f"- **{method}**: {len(runs)} runs, {len({job.row for job in runs})} classes, "
-                     f"seeds {', '.join(map(str, seeds))}; experiment {runs[0].experiment or '–'}")
+                     f"seeds {', '.join(map(str, seeds))}; experiment {runs[0].experiment or '–'}"
+                     f"{_measured(runs)}")
     for table in report.tables:
         lines += ["", f"## {table.metric}", "", *_markdown_table(table)]
         if chart:
@@ -128,6 +131,16 @@ def to_markdown(report: Report, chart: bool) -> str:
     if report.notes:
         lines += ["", "## Notes", "", *(f"- {_escape(note)}" for note in dict.fromkeys(report.notes))]
     return "\n".join(lines) + "\n"
+
+
+def _measured(runs: list[Job]) -> str:
+    """Where the runs' pixel metrics were measured and which normals set their thresholds (counts dropped:
+    `a holdout of 21 of the 209 training normals (...)` reads `a holdout of training normals (...)`)."""
+    resolutions = sorted({job.pixel_resolution for job in runs if job.pixel_resolution})
+    sources = sorted({re.sub(r"\b\d+ (of the \d+ )?", "", job.threshold_source)
+                      for job in runs if job.threshold_source})
+    text = f"; pixel metrics at {', '.join(resolutions)} resolution" if resolutions else ""
+    return text + (f"; thresholds from {'; '.join(sources)}" if sources else "")
 
 
 def _markdown_table(table: Table) -> list[str]:

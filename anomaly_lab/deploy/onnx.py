@@ -178,7 +178,7 @@ def _summary(error: Exception) -> str:
     causes = [line for line in lines if line.startswith("<class")]
     summary = (causes[0] if causes else lines[0] if lines else type(error).__name__)[:300]
     blamed = [(line, code) for line, code in zip(lines, lines[1:], strict=False)
-              if re.match(r'File ".*anomaly_lab/.*", line \d+', line) and "anomaly_lab/export.py" not in line]
+              if re.match(r'File ".*anomaly_lab/.*", line \d+', line) and "anomaly_lab/deploy/onnx.py" not in line]
     if blamed:
         location = re.search(r'anomaly_lab/[^"]*", line \d+', blamed[-1][0]).group(0).replace('"', "")
         summary += f" [{location}: {blamed[-1][1]}]"

@@ -1,7 +1,7 @@
 """AnoMem, "Anomaly Detection via Multi-Scale Contrasted Memory" (Jezequel et al. 2023).
 
 Stage 1 (Sec. 3.1, Algorithm 1): a ResNet (from scratch) learns representations and a Hopfield
-memory HF^(s) (Eq. 1, `anomaly_lab.nn.hopfield`) after each stage of `layers` (the paper: layer3 with
+memory HF^(s) (Eq. 1, `anomaly_lab.models.anomem.memory`) after each stage of `layers` (the paper: layer3 with
 N_mem 512 and sampling ratio r 0.3, layer4 with 256 and 1). Every training image comes as two SimCLR
 views (the datamodule's `train_views`/`view_augmentations`); at each scale, floor(H W r) positions
 Omega are drawn and, at each of them, the first view's vector goes through Mem (Eq. 3: HF for normal
@@ -58,21 +58,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from anomaly_lab.errors import ConfigError
-from anomaly_lab.models.anomem_parts import (
-    DistanceHead,
-    ResNetStages,
-    double_hinge,
-    fit_linear_probe,
-    kmeans,
-    mem,
-    merge_scales,
-    nearest_prototype,
-    sample_positions,
-    variance_loss,
-)
+from anomaly_lab.models.anomem.linear_probe import fit_linear_probe
+from anomaly_lab.models.anomem.losses import double_hinge, mem, merge_scales, sample_positions, variance_loss
+from anomaly_lab.models.anomem.memory import NORMS, HopfieldMemory
+from anomaly_lab.models.anomem.networks import DistanceHead, ResNetStages
+from anomaly_lab.models.anomem.prototypes import kmeans, nearest_prototype
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.nn.contrastive import nt_xent
-from anomaly_lab.nn.hopfield import NORMS, HopfieldMemory
 
 MODES = ("one_class", "semi_supervised")
 PROTOTYPES = ("memory", "kmeans")

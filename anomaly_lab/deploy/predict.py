@@ -35,8 +35,8 @@ from omegaconf import DictConfig
 
 from anomaly_lab.data.dataset import IMAGE_EXTENSIONS, read_image
 from anomaly_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_size, build_transform
+from anomaly_lab.deploy.onnx import OnnxEngine, export_onnx
 from anomaly_lab.errors import ConfigError, DataError
-from anomaly_lab.export import OnnxEngine, export_onnx
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.run import _save_config, load_weights, with_run_config
 

@@ -44,73 +44,10 @@ from torch.utils.data import DataLoader
 from anomaly_lab.data import Batch
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
-from anomaly_lab.nn.contrastive import info_nce_from_scores
-from anomaly_lab.nn.patches import average_patch_scores, fold_patches, grid_size, unfold_patches
-from anomaly_lab.nn.preact_resnet import PreActResNet18
-
-# Where the context lies with respect to the sub-patch it predicts.
-DIRECTIONS = ("above", "below", "left", "right")
-IMAGE_SCORES = ("top_mean", "max", "mean")
-
-
-def context_and_target(direction: str, step: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """(row, column) slices of a G x G grid: contexts, and the targets `step` cells away in `direction`."""
-    full, head, tail = slice(None), slice(None, -step), slice(step, None)
-    return {
-        "above": ((head, full), (tail, full)),  # the context is above: predict the sub-patch below
-        "below": ((tail, full), (head, full)),
-        "left": ((full, head), (full, tail)),
-        "right": ((full, tail), (full, head)),
-    }[direction]
-
-
-def directional_info_nce(grids: Tensor, negatives: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """InfoNCE of every prediction W_k z_t -> z_{t+k} inside each patch, in the four directions (Eq. 2).
-
-    grids [..., G, G, D]: the sub-patch encodings of each patch; negatives [..., G, G, N, D]: the
-    negatives of the predictions made from each context position (leading dimensions broadcast with
-    those of `grids`); weights [4, K, D, D]: W_k of each direction of DIRECTIONS. Returns (sum of the
-    losses of which each sub-patch is the target, their count, both [..., G, G]; and the training
-    loss: the mean over directions and steps of the mean loss).
-    """
-    total = grids.new_zeros(torch.broadcast_shapes(grids.shape[:-1], negatives.shape[:-2]))
-    count = torch.zeros_like(total)
-    mean_losses = []
-    for direction, direction_weights in zip(DIRECTIONS, weights, strict=True):
-        # Every step's prediction from every position, and the log-sum-exp of their scores against the
-        # negatives, in three products over whole grids; then each step's positives.
-        predictions = torch.einsum("...d,ked->k...e", grids, direction_weights)  # [K, ..., G, G, D]
-        negative_logits = torch.einsum("k...e,...ne->k...n", predictions, negatives)  # [K, ..., G, G, N]
-        negative_lse = torch.logsumexp(negative_logits, dim=-1)  # [K, ..., G, G]
-        for step in range(1, len(direction_weights) + 1):
-            (context_rows, context_cols), (target_rows, target_cols) = context_and_target(direction, step)
-            prediction = predictions[step - 1][..., context_rows, context_cols, :]
-            positive = (prediction * grids[..., target_rows, target_cols, :]).sum(dim=-1)
-            losses = info_nce_from_scores(positive, negative_lse[step - 1][..., context_rows, context_cols])
-            total[..., target_rows, target_cols] += losses
-            count[..., target_rows, target_cols] += 1
-            mean_losses.append(losses.mean())
-    return total, count, torch.stack(mean_losses).mean()
-
-
-def image_scores(scores: Tensor, reduction: str, top_fraction: float) -> Tensor:
-    """One score per image from its sub-patch scores [B, ...]: mean of the top fraction, max, or mean."""
-    flat = scores.flatten(1)
-    if reduction == "max":
-        return flat.amax(dim=1)
-    if reduction == "mean":
-        return flat.mean(dim=1)
-    top = max(1, math.ceil(top_fraction * flat.shape[1]))
-    return flat.topk(top, dim=1).values.mean(dim=1)
-
-
-def subpatch_map(scores: Tensor, patch_stride: int, subpatch_size: int, subpatch_stride: int) -> Tensor:
-    """Pixel map of sub-patch scores [B, Py, Px, G, G] (section 5.2): every pixel gets the mean score of
-    all the sub-patches (of all patches) covering it; [B, 1, H, W]."""
-    step = patch_stride // subpatch_stride
-    # Sum the scores of the patches' sub-patches on the image's sub-patch grid, then average per pixel.
-    sums, counts = fold_patches(scores, step), fold_patches(torch.ones_like(scores), step)
-    return average_patch_scores(sums / counts, subpatch_size, subpatch_stride, weights=counts)
+from anomaly_lab.models.cpc_ad.encoder import PreActResNet18
+from anomaly_lab.models.cpc_ad.info_nce import DIRECTIONS, directional_info_nce
+from anomaly_lab.models.cpc_ad.patches import grid_size, unfold_patches
+from anomaly_lab.models.cpc_ad.scores import IMAGE_SCORES, image_scores, subpatch_map
 
 
 class CPCAD(AnomalyModel):

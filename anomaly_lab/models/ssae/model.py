@@ -1,9 +1,9 @@
 """SSAE: self-supervised training with autoencoders (Bauer 2022).
 
-An autoencoder (Table 1, `ssae_net.py`) is trained on normal images X whose random patches were
+An autoencoder (Table 1, `network.py`) is trained on normal images X whose random patches were
 elastically deformed and pasted back through a random shape mask (section 3.2, Fig. 5,
-`ssae_corruption.py`), to give back X from the corrupted X-hat under objective Eq. 1 (`objective=1`)
-or Eq. 3 (`objective=3`), lam = 0.5 (`ssae_objectives.py`). At test time images pass unchanged; the
+`corruption.py`), to give back X from the corrupted X-hat under objective Eq. 1 (`objective=1`)
+or Eq. 3 (`objective=3`), lam = 0.5 (`objectives.py`). At test time images pass unchanged; the
 heatmap is the per-pixel residual |F(X) - X| averaged over the colour channels, Gaussian-smoothed
 (the base's `map_blur_sigma`), and the image score is its maximum.
 
@@ -34,9 +34,9 @@ from torch import Tensor
 from anomaly_lab.data import Batch
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
-from anomaly_lab.models.ssae_corruption import PatchCorruption
-from anomaly_lab.models.ssae_net import SsaeNet
-from anomaly_lab.models.ssae_objectives import objective_eq1, objective_eq3
+from anomaly_lab.models.ssae.corruption import PatchCorruption
+from anomaly_lab.models.ssae.network import SsaeNet
+from anomaly_lab.models.ssae.objectives import objective_eq1, objective_eq3
 
 
 def check_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[int, float]]:

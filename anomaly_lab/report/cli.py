@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from anomaly_lab.errors import AnomalyLabError, ConfigError
-from anomaly_lab.report_tables import ReportOptions, build_report
-from anomaly_lab.report_write import write_report
+from anomaly_lab.report.tables import ReportOptions, build_report
+from anomaly_lab.report.write import write_report
 
 
 def parse_arguments(argv: list[str]) -> tuple[list[Path], ReportOptions]:
@@ -66,6 +66,3 @@ def main(argv: list[str] | None = None) -> Path:
 def _usage() -> str:
     return f"{__doc__.strip()}\n\n{ReportOptions.__doc__}"
 
-
-if __name__ == "__main__":
-    main()
