@@ -109,7 +109,7 @@ def test_bad_data_stops_a_training_run_before_its_first_step(make_mvtec_tree, tm
     mask = root / "widget" / "ground_truth" / "hole" / "002_mask.png"
     assert cv2.imwrite(str(mask), np.zeros((10, 10), np.uint8))
     cfg = compose_config("train", ["model=cpc_ad", "data=mvtec/bottle", f"data.root={root}", "data.category=widget",
-                                   "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1",
+                                   "data.image_size=64", "data.num_workers=0", "trainer.max_epochs=1", f"paths.data_root={tmp_path}",
                                    "callbacks=none", "trainer.enable_progress_bar=false"], output_dir=tmp_path / "run")
     with pytest.raises(DataError, match="a mask must have its image's size") as error:
         train(cfg)
@@ -120,7 +120,8 @@ def test_bad_data_stops_a_training_run_before_its_first_step(make_mvtec_tree, tm
 def test_threshold_source_is_written_to_metrics(make_mvtec_tree, tmp_path):
     cfg = compose_config("train", ["model=padim", "data=mvtec/bottle", f"data.root={make_mvtec_tree()}",
                                    "data.category=widget", "data.image_size=32", "data.num_workers=0",
-                                   "data.val_ratio=0", "callbacks=none", "trainer.enable_progress_bar=false"],
+                                   "data.val_ratio=0", "callbacks=none", "trainer.enable_progress_bar=false",
+                                   f"paths.data_root={tmp_path}"],
                          output_dir=tmp_path / "run")
     train(cfg)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -48,3 +48,27 @@ def test_data_root_can_be_set_alone_and_augmentations_come_from_config(tmp_path)
     dm = instantiate(cfg.data)
     assert isinstance(dm, SyntheticDataModule) and dm.root == tmp_path and dm.category == "object"
     assert type(dm.train_augmentations[0]).__name__ == "HorizontalFlip"
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_gpu_trainers_pin_memory_and_prefetch_in_every_loader(make_mvtec_tree, tmp_path, trainer):
+    root = make_mvtec_tree()
+    cfg = compose_train([f"trainer={trainer}", "data=mvtec/bottle", f"data.root={root}", "data.category=widget",
+                         f"paths.data_root={tmp_path}"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_epochs == 1  # the default trainer's keys stay
+    dm = instantiate(cfg.data)
+    dm.setup()
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.normal_dataloader()):
+        assert (loader.pin_memory, loader.prefetch_factor, loader.persistent_workers) == (True, 4, True)
+    cpu = instantiate(compose_train(["data=mvtec/bottle", f"data.root={root}", "data.category=widget",
+                                     f"paths.data_root={tmp_path}"]).data)
+    cpu.setup()
+    assert (cpu.test_dataloader().pin_memory, cpu.test_dataloader().prefetch_factor) == (False, 2)
+
+
+@pytest.mark.parametrize(("data", "mode"), [("mvtec/bottle", "disk"), ("btad/01", "disk"), ("folder", "disk"),
+                                            ("cub200", "disk"), ("wmca/pp", "disk"), ("synthetic/hard", "memory"),
+                                            ("cifar10", "none")])
+def test_each_dataset_has_its_cache_default(tmp_path, data, mode):
+    cfg = compose_train([f"data={data}", f"paths.data_root={tmp_path}"])
+    assert cfg.data.cache == mode and cfg.data.cache_dir == str(tmp_path / "cache")

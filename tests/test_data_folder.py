@@ -231,6 +231,7 @@ def test_train_on_folders_without_masks_reports_image_metrics_only(tmp_path):
     cfg = compose_config("train", [
         "model=padim", "data=folder", f"data.root={root}", "data.abnormal_dirs=[scratch,dent]",
         f"data.image_size={SIZE}", "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1",
+        f"paths.data_root={tmp_path}",
         "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     ], output_dir=tmp_path / "run")
     train(cfg)

@@ -236,8 +236,10 @@ def test_pixel_states_are_compact_cpu_tensors_and_the_record_names_the_resolutio
     assert {t.device.type for t in state} == {"cpu"}
     assert {t.dtype for t in state} == {torch.float32, torch.bool}
     assert sum(t.numel() * t.element_size() for t in state) == 5 * len(test) * SIZE * SIZE
+    seconds = evaluator.record.pop("metrics_seconds")
     assert evaluator.record == {"pixel_resolution": f"input {SIZE}x{SIZE}", "pixel_histogram_bits": None,
                                 "pixel_error_bounds": None, "defects": {}}
+    assert 0 < seconds < 60
 
 
 def test_binned_evaluator_records_bounds_that_hold_against_exact():
@@ -374,6 +376,8 @@ def test_two_processes_compute_once_on_rank_zero_and_share_one_process_results(t
     trainer.test(MapIsImage(), loader(test), verbose=False)
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["results"] == rank1["results"] == pytest.approx(single.results, abs=1e-12)
+    for record in (rank0["record"], rank1["record"], single.record):
+        assert record.pop("metrics_seconds") > 0  # each process's own time in the test hooks
     assert rank0["record"] == rank1["record"] == single.record
     assert (rank0["images"], rank1["images"]) == (len(test), len(test) // 2)  # rank 0 absorbed rank 1's pixels
 

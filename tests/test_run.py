@@ -126,6 +126,7 @@ def test_eval_of_a_missing_checkpoint_names_it(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "mvtec" / "bottle").is_dir(), reason="../shared/data/mvtec/bottle is absent")
 def test_padim_runs_on_the_real_bottle_category(tmp_path):
     cfg = compose_config("train", ["data=mvtec/bottle", f"paths.data_root={SHARED_DATA}", "data.image_size=128",
+                                   f"paths.cache_dir={tmp_path / 'cache'}",
                                    "callbacks=none", *QUIET], output_dir=tmp_path)
     metrics = train(cfg)
     record = json.loads((tmp_path / "metrics.json").read_text())
@@ -139,7 +140,8 @@ def test_unreadable_image_read_in_a_worker_stops_with_its_path(make_mvtec_tree, 
     broken = root / "widget" / "test" / "good" / "001.png"
     broken.write_bytes(b"not a png")
     result = run_script("train.py", "data=mvtec/bottle", f"data.root={root}", "data.category=widget",
-                        "data.num_workers=2", "data.image_size=32", f"paths.log_dir={tmp_path / 'logs'}", *QUIET)
+                        "data.num_workers=2", "data.image_size=32", f"paths.log_dir={tmp_path / 'logs'}",
+                        f"paths.data_root={tmp_path}", *QUIET)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and str(broken) in last_line

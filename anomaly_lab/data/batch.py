@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,11 @@ class Batch:
 
     def __len__(self) -> int:
         return self.image.shape[0]
+
+    def pin_memory(self) -> Batch:
+        """The batch with its tensors in page-locked memory (what a DataLoader with pin_memory=True calls)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
 
     @staticmethod
     def collate(samples: list[dict]) -> Batch:

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from anomaly_lab.data.batch import Batch
+from anomaly_lab.data.cache import check_mode as check_cache_mode
+from anomaly_lab.data.cache import decode_groups
 from anomaly_lab.data.dataset import AnomalyDataset, Sample
 from anomaly_lab.data.prescan import EMPTY_MASK_POLICIES, check_both_classes, scan_samples
 from anomaly_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, as_size, build_transform, channel_stats
@@ -117,6 +119,13 @@ class AnomalyDataModule(pl.LightningDataModule):
     (e.g. SimCLR's two views), seeded per image and epoch as the training augmentations are.
     Validation, test and normal loaders have no views.
 
+    Decoding (`anomaly_lab.data.cache`): `cache` = none decodes each image file at every access;
+    memory decodes every image once per run; disk once into memory-mapped files under `cache_dir`
+    shared by later runs, workers and ranks. Batches are the same in every mode.
+
+    Loaders: `num_workers` persistent worker processes, each `prefetch_factor` batches ahead (None:
+    torch's 2), `pin_memory` for fast copies to a GPU (trainer=gpu and trainer=ddp set both).
+
     Attributes: `dataset_name`, `category`, `has_masks`, `mean` and `std` (one value per channel,
     as used by Normalize), `image_size` ((h, w) of the yielded images: `crop_size` when set),
     `channels`.
@@ -146,8 +155,16 @@ class AnomalyDataModule(pl.LightningDataModule):
         train_views: int = 0,
         view_augmentations: Sequence[A.BasicTransform] | None = None,
         empty_masks: str = "error",
+        cache: str = "none",
+        cache_dir: str | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
     ):
         super().__init__()
+        self.cache = check_cache_mode(cache)
+        if cache == "disk" and cache_dir is None:
+            raise ConfigError("data.cache=disk needs data.cache_dir (a folder for the cache files)")
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         if empty_masks not in EMPTY_MASK_POLICIES:
             raise ConfigError(f"data.empty_masks={empty_masks!r} must be one of {', '.join(EMPTY_MASK_POLICIES)}")
         if not 0 <= val_ratio < 1:
@@ -174,6 +191,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
         self.val_ratio = val_ratio
         self.seed = seed
         self.split_seed = split_seed
@@ -221,14 +240,18 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         anomalies = self._labelled_anomalies(split.anomaly_pool, len(fit_normals))
         self._check(fit_normals, validation, split.test, anomalies)
+        decoded = decode_groups(
+            self.cache, {"normals": split.normals, "validation": split.validation or [], "test": split.test,
+                         "anomalies": anomalies},
+            self.resize_size, self.has_masks, self.cache_dir, f"{self.dataset_name or type(self).__name__}-{self.category}")
         train_transform = self._transform(self.train_augmentations)
         eval_transform = self._transform([])
         view_transform = self._transform(self.view_augmentations) if self.train_views else None
         self.train_set = AnomalyDataset(fit_normals + anomalies, train_transform, self.has_masks, self.seed,
-                                        self.train_views, view_transform)
-        self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks)
-        self.val_set = AnomalyDataset(validation, eval_transform, self.has_masks)
-        self.test_set = AnomalyDataset(split.test, eval_transform, self.has_masks)
+                                        self.train_views, view_transform, decoded)
+        self.normal_set = AnomalyDataset(fit_normals, eval_transform, self.has_masks, decoded=decoded)
+        self.val_set = AnomalyDataset(validation, eval_transform, self.has_masks, decoded=decoded)
+        self.test_set = AnomalyDataset(split.test, eval_transform, self.has_masks, decoded=decoded)
         rank_zero_info(f"thresholds: from {self.threshold_source}")
 
     def _check(self, fit_normals: list[Sample], validation: list[Sample], test: list[Sample],
@@ -272,6 +295,8 @@ class AnomalyDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             collate_fn=Batch.collate,
         )
 

@@ -91,6 +91,19 @@ def check_mask_size(mask_path: Path | str, mask_size: tuple[int, ...], image_pat
         )
 
 
+def load_sample(sample: Sample, with_mask: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """(RGB uint8 image cropped to the sample's box, its float32 0/1 mask when `with_mask` and the sample
+    has a mask file (checked against the image's size), the image's (height, width))."""
+    image = read_image(sample.image_path) if sample.pixels is None else sample.pixels
+    if sample.box is not None:
+        image = crop(image, sample.box)
+    mask = None
+    if with_mask and sample.mask_path is not None:
+        mask = read_mask(sample.mask_path)
+        check_mask_size(sample.mask_path, mask.shape, sample.image_path, image.shape[:2])
+    return image, mask, tuple(image.shape[:2])
+
+
 class AnomalyDataset(Dataset):
     """Samples read and transformed on access.
 
@@ -99,10 +112,12 @@ class AnomalyDataset(Dataset):
     training sampler yields) seeds the transform with `derive_seed(seed, epoch, index)` first.
     With `views` > 0, every item also has `views` [V, C, H, W]: V independent draws of `view_transform`
     on the image (contrastive views), seeded from ``(index, epoch)`` by `derive_seed(seed, epoch, index, 1)`.
+    `decoded` (`anomaly_lab.data.cache.DecodedSamples`): the samples already decoded and resized (data.cache);
+    None decodes each file at every access.
     """
 
     def __init__(self, samples: list[Sample], transform: A.Compose, with_masks: bool, seed: int = 0,
-                 views: int = 0, view_transform: A.Compose | None = None):
+                 views: int = 0, view_transform: A.Compose | None = None, decoded=None):
         if views > 0 and view_transform is None:
             raise ValueError("views > 0 needs a view_transform")
         self.samples = samples
@@ -111,6 +126,7 @@ class AnomalyDataset(Dataset):
         self.seed = seed
         self.views = views
         self.view_transform = view_transform
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,13 +140,14 @@ class AnomalyDataset(Dataset):
         else:
             index = key
         sample = self.samples[index]
-        image = read_image(sample.image_path) if sample.pixels is None else sample.pixels
-        if sample.box is not None:
-            image = crop(image, sample.box)
+        if self.decoded is None:
+            image, mask, original_size = load_sample(sample, self.with_masks)
+        else:
+            image, mask, original_size = self.decoded.read(sample)
         item = {
             "label": sample.label, "path": str(sample.image_path), "defect": sample.defect,
             "mask_path": None if sample.mask_path is None else str(sample.mask_path),
-            "original_size": tuple(image.shape[:2]),
+            "original_size": original_size,
         }
         if sample.target is not None:
             item["target"] = sample.target
@@ -139,11 +156,7 @@ class AnomalyDataset(Dataset):
         if not self.with_masks:
             item["image"] = self.transform(image=image)["image"]
             return item
-        if sample.mask_path is None:
-            mask = np.zeros(image.shape[:2], dtype=np.float32)
-        else:
-            mask = read_mask(sample.mask_path)
-            check_mask_size(sample.mask_path, mask.shape, sample.image_path, image.shape[:2])
+        mask = np.zeros(image.shape[:2], dtype=np.float32) if mask is None else mask.astype(np.float32)
         out = self.transform(image=image, mask=mask)
         item["image"] = out["image"]
         item["mask"] = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)

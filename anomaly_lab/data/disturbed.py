@@ -102,6 +102,11 @@ class DisturbedMVTecDataModule(MVTecDataModule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if self.cache != "none":
+            raise ConfigError(
+                f"data.cache={self.cache} cannot serve Disturbed MVTec: its disturbances apply to each original "
+                "image before the resize that a cache stores; set data.cache=none"
+            )
         self.disturbance = disturbance
         self.disturbance_pipeline = disturbance_transform(
             disturbance, self.category, brightness_limit, contrast_limit, clahe_clip_limit, clahe_p,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class Evaluator(pl.Callback):
     ``self.record`` (for metrics.json): ``pixel_resolution`` (``input HxW``, ``original`` or None),
     ``pixel_histogram_bits``, ``pixel_error_bounds`` (binned only) and ``defects``: for each defect
     type of ``batch.defect``, the image AUROC of its images against every normal test image and
-    their count. Thresholds never come from the test set.
+    their count; ``metrics_seconds``: this process's time in the test hooks (collecting and computing the
+    metrics). Thresholds never come from the test set.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Evaluator(pl.Callback):
         self.pixels = self._new_pixel_metrics()
         self.input_size = None
         self.results, self.record = {}, {}
+        self.metrics_seconds = 0.0
 
     def on_test_batch_end(
         self,
@@ -168,6 +171,7 @@ class Evaluator(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        started = time.perf_counter()
         self.scores.append(self._on_cpu("image scores", outputs["image_score"]))
         self.labels.append(batch.label.cpu())
         self.defects += batch.defect or [None] * len(batch)
@@ -177,6 +181,7 @@ class Evaluator(pl.Callback):
                 self.pixels.update(*self._at_input_size(anomaly_map, batch))
             else:
                 self.pixels.update(*self._at_original_size(anomaly_map, batch))
+        self.metrics_seconds += time.perf_counter() - started
 
     def _at_input_size(self, anomaly_map: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         if anomaly_map.shape != batch.mask.shape:
@@ -203,9 +208,11 @@ class Evaluator(pl.Callback):
         return maps, masks
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
         tensors = [concat(self.scores), concat(self.labels), *self.pixels.state()]
         gathered = gather_to_rank_zero(tensors, (self.defects, self.nonfinite, self.input_size))
         self.results, self.record = on_rank_zero(lambda: self._test_metrics(gathered, model_name(pl_module)))
+        self.record["metrics_seconds"] = round(self.metrics_seconds + time.perf_counter() - started, 3)
         for name, value in self.results.items():
             log_global(pl_module, f"test/{name}", value)
 

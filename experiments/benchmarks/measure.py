@@ -123,9 +123,12 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1) -> dict:
+def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1, cache: str = "none",
+         cache_dir: str | None = None) -> dict:
     """Our run as anomaly_lab.run assembles it: validate (Gaussian fit, thresholds), then test, timed;
-    then the test images through the test loader and the model's forward alone, `repeats` times (median)."""
+    then the test images through the test loader and the model's forward alone, `repeats` times (median).
+    `cache`, `cache_dir`: data.cache and data.cache_dir (a disk cache there is built by the validation
+    if it is not there yet)."""
     import pytorch_lightning as pl
     import torch
 
@@ -136,7 +139,8 @@ def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1) -> di
     category_dir = Path(category_dir)
     pl.seed_everything(seed, verbose=False)
     datamodule = MVTecDataModule(category_dir.parent, category_dir.name, image_size=IMAGE_SIZE,
-                                 batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
+                                 batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed, cache=cache,
+                                 cache_dir=cache_dir)
     model = Padim(backbone="resnet18", backbone_weights=None, n_features=N_FEATURES, seed=seed)
     baseline = peak_rss_mb()
     evaluator = Evaluator()
@@ -162,6 +166,7 @@ def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1) -> di
     test_images = len(datamodule.test_set)
     return {
         "seed": seed,
+        "cache": cache,
         "image_auroc": evaluator.results["image_auroc"],
         "pixel_auroc": evaluator.results["pixel_auroc"],
         "pixel_aupro": evaluator.results["pixel_aupro"],

@@ -43,7 +43,7 @@ SEEDS = (0, 1, 2)
 REPEATS = 3
 NUM_WORKERS = 2  # loader workers, for ours, anomalib's and the bare pipeline alike; see README
 FIT_SIZES = (50, 200)
-THROUGHPUT_GOAL = 0.8  # ours / the pipeline's limit
+PIPELINE_GOAL, TEST_GOAL = 0.9, 0.7  # cached loader + forward, and trainer.test, / the bare backbone forward
 AUROC_MARGIN = 0.02  # ours may be at most this much below anomalib's mean image AUROC
 FIT_MEMORY_TOLERANCE = 0.1  # the fit's peak increases (over the built model) for 50 and 200 images within 10%
 # --quick: one seed, 40 training normals and every 4th test image; fits of one batch and of the 39
@@ -86,14 +86,18 @@ def main() -> None:
 def benchmark(category_dir: Path, seeds: tuple[int, ...], fit_sizes: tuple[int, ...], repeats: int,
               with_peer: bool) -> dict:
     machine = machine_info()
-    references, ours, peer = [], [], []
-    for seed in seeds:
-        references.append(measure("references", category_dir=str(category_dir), repeats=repeats, seed=seed,
-                                  num_workers=NUM_WORKERS))
-        ours.append(measure("ours", category_dir=str(category_dir), seed=seed, num_workers=NUM_WORKERS,
-                            repeats=repeats))
-        if with_peer:
-            peer.append(measure("peer", category_dir=str(category_dir), seed=seed, num_workers=NUM_WORKERS))
+    references, ours, uncached, peer = [], [], [], []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache_build = run_task(HERE / "cache_bottle.py", "build", category_dir=str(category_dir), cache_dir=cache_dir,
+                               image_size=IMAGE_SIZE)
+        for seed in seeds:
+            references.append(measure("references", category_dir=str(category_dir), repeats=repeats, seed=seed,
+                                      num_workers=NUM_WORKERS))
+            for cache, runs in (("none", uncached), ("disk", ours)):
+                runs.append(measure("ours", category_dir=str(category_dir), seed=seed, num_workers=NUM_WORKERS,
+                                    repeats=repeats, cache=cache, cache_dir=cache_dir))
+            if with_peer:
+                peer.append(measure("peer", category_dir=str(category_dir), seed=seed, num_workers=NUM_WORKERS))
     fit_runs = [measure("fit_memory", category_dir=str(category_dir), n_images=n)
                 for _ in range(repeats) for n in fit_sizes]
     fits = [{key: statistics.median(r[key] for r in fit_runs if r["train_images"] == n)
@@ -102,7 +106,7 @@ def benchmark(category_dir: Path, seeds: tuple[int, ...], fit_sizes: tuple[int, 
 
     rates = {key: statistics.median(r[key] for r in references) for key in references[0] if key.endswith("_second")}
     limit = min(rates["backbone_images_per_second"], rates["decode_resize_images_per_second"])
-    summary = summarise(ours)
+    summary, backbone = summarise(ours), rates["backbone_images_per_second"]
     record = {
         "benchmark": "PaDiM, ResNet-18 layers 1-3 at random initialisation, 256 px, 100 channels, MVTec AD bottle",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -110,16 +114,18 @@ def benchmark(category_dir: Path, seeds: tuple[int, ...], fit_sizes: tuple[int, 
         "setup": {"seeds": list(seeds), "repeats": repeats, "batch_size": BATCH_SIZE,
                   "num_workers": NUM_WORKERS, "image_size": IMAGE_SIZE, "n_features": N_FEATURES,
                   "test_images": ours[0]["test_images"]},
-        "ours": summary,
+        "ours": summary,  # data.cache=disk, built before (cache_build)
+        "ours_uncached": summarise(uncached),
+        "cache_build": cache_build,
         "references": {
             **rates,
             "limit_images_per_second": limit,
             "limited_by": "backbone forward" if limit == rates["backbone_images_per_second"] else "decoding + resizing",
             "runs": references,
         },
-        # Ours without the Evaluator, against the limit; then with it; then the bare pipeline.
-        "throughput_ratio": summary["pipeline_images_per_second"] / limit,
-        "throughput_ratio_with_metrics": summary["test_images_per_second"] / limit,
+        # Ours (cached) without the Evaluator, against the bare backbone; then with it; then the bare pipeline.
+        "throughput_ratio": summary["pipeline_images_per_second"] / backbone,
+        "throughput_ratio_with_metrics": summary["test_images_per_second"] / backbone,
         "bare_pipeline_ratio": rates["bare_pipeline_images_per_second"] / limit,
         "fit_memory": fits,  # medians over the processes of each size
         "fit_memory_runs": fit_runs,
@@ -150,8 +156,10 @@ def goals(record: dict) -> list[dict]:
     ours, peer, fits = record["ours"], record["peer"], record["fit_memory"]
     small, large = fits[0], fits[-1]
     found = [
-        goal(f"test throughput (loader + forward) >= {THROUGHPUT_GOAL} x the pipeline's limit",
-             f"{record['throughput_ratio']:.2f}", record["throughput_ratio"] >= THROUGHPUT_GOAL),
+        goal(f"test loader + forward (data.cache=disk) >= {PIPELINE_GOAL} x the bare backbone forward",
+             f"{record['throughput_ratio']:.2f}", record["throughput_ratio"] >= PIPELINE_GOAL),
+        goal(f"trainer.test with every metric (data.cache=disk) >= {TEST_GOAL} x the bare backbone forward",
+             f"{record['throughput_ratio_with_metrics']:.2f}", record["throughput_ratio_with_metrics"] >= TEST_GOAL),
         goal(f"Gaussian fit peak memory the same for {small['train_images']} and {large['train_images']} images",
              f"+{small['increase_mb']:.0f} MB / +{large['increase_mb']:.0f} MB",
              abs(large["increase_mb"] - small["increase_mb"]) <= FIT_MEMORY_TOLERANCE * small["increase_mb"]),
@@ -213,6 +221,7 @@ def history(markdown: Path) -> list[str]:
 
 def render_markdown(record: dict, earlier_rows: list[str]) -> str:
     ours, peer, ref, setup, machine = (record[k] for k in ("ours", "peer", "references", "setup", "machine"))
+    uncached, build = record["ours_uncached"], record["cache_build"]
     seeds = ", ".join(map(str, setup["seeds"]))
 
     def both(key: str, fmt: str) -> str:
@@ -239,13 +248,18 @@ def render_markdown(record: dict, earlier_rows: list[str]) -> str:
         f"| test images/s: `trainer.test` / `engine.test`, metrics included, median over seeds | "
         f"{both('test_images_per_second', '.1f')} |",
         f"| test images/s: test loader + forward only, median over seeds | {ours['pipeline_images_per_second']:.1f} | |",
+        f"| the same without the cache (`data.cache=none`): `trainer.test` / loader + forward | "
+        f"{uncached['test_images_per_second']:.1f} / {uncached['pipeline_images_per_second']:.1f} | |",
         f"| peak RSS of the whole run (fit + test), highest, MB | {both('peak_rss_mb', '.0f')} |",
         "",
         f"Limits of our test pipeline, same test images and batch size, median over {len(ref['runs'])} measurement(s): "
         f"bare backbone forward {ref['backbone_images_per_second']:.1f} images/s, bare decoding + resizing "
         f"{ref['decode_resize_images_per_second']:.1f} images/s, so the limit is {ref['limit_images_per_second']:.1f} "
-        f"images/s ({ref['limited_by']}). **Throughput ratio {record['throughput_ratio']:.2f}** (test loader + "
-        f"forward; {record['throughput_ratio_with_metrics']:.2f} with `trainer.test` and its metrics). For scale, "
+        f"images/s ({ref['limited_by']}). Our runs read the images from a disk cache (`data.cache=disk`, the "
+        f"default; built once before them: {build['images']} images in {build['seconds']:.1f} s, "
+        f"{build['bytes'] / 2**20:.0f} MiB), so the bare backbone is theirs. **Throughput ratio "
+        f"{record['throughput_ratio']:.2f}** of the bare backbone forward (test loader + forward; "
+        f"{record['throughput_ratio_with_metrics']:.2f} with `trainer.test` and its metrics). For scale, "
         f"the bare pipeline (the bare decoding in {setup['num_workers']} loader workers feeding the bare backbone, "
         f"the two sharing the CPUs) reaches {ref['bare_pipeline_images_per_second']:.1f} images/s, "
         f"{record['bare_pipeline_ratio']:.2f} of the limit.",
