@@ -52,9 +52,6 @@ class DecodedSamples:
         self._where = {sample: (g, i) for g, (samples, _) in enumerate(groups) for i, sample in enumerate(samples)}
         self._mapped: dict[int, dict[str, np.ndarray]] = {}
 
-    def __contains__(self, sample: Sample) -> bool:
-        return sample in self._where
-
     def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
         group, index = self._where[sample]
         arrays = self._arrays(group)

@@ -156,7 +156,7 @@ class AnomalyDataset(Dataset):
         if not self.with_masks:
             item["image"] = self.transform(image=image)["image"]
             return item
-        mask = np.zeros(image.shape[:2], dtype=np.float32) if mask is None else mask.astype(np.float32)
+        mask = np.zeros(image.shape[:2], dtype=np.float32) if mask is None else mask.astype(np.float32, copy=False)
         out = self.transform(image=image, mask=mask)
         item["image"] = out["image"]
         item["mask"] = (torch.as_tensor(out["mask"]) > 0.5).float().unsqueeze(0)

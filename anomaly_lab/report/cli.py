@@ -65,4 +65,3 @@ def main(argv: list[str] | None = None) -> Path:
 
 def _usage() -> str:
     return f"{__doc__.strip()}\n\n{ReportOptions.__doc__}"
-
