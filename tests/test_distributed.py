@@ -26,6 +26,10 @@ class Setting(NamedTuple):
     metrics: tuple[str, ...]  # the metrics it learns there
     tolerance: float  # how far its DDP metrics may lie from one process's
     batch_size: int = BATCH  # in one process; each of the 2 DDP devices takes half
+    # How far a one-process refit from the DDP weights may lie from the DDP metrics. CPC-AD's maps are
+    # constant on 8 px cells, so many pixels tie: the float rounding of encodings computed in other
+    # batch compositions reorders them and moves its pixel metrics in the 4th decimal.
+    refit_tolerance: float = 1e-5
 
 
 SMALL = ["data.n_train=24", "data.n_test_good=6", "data.n_test_per_defect=4"]  # 22 training images, 18 test
@@ -37,7 +41,8 @@ SMALL = ["data.n_train=24", "data.n_test_good=6", "data.n_test_per_defect=4"]  #
 MODELS = {
     "padim": Setting([*SMALL, "data.image_size=64"], ("image_auroc", "pixel_auroc", "pixel_aupro"), 1e-5),
     "fyd": Setting([*SMALL, "data.image_size=64", "trainer.max_epochs=2"], ("image_auroc", "pixel_auroc"), 0.05),
-    "cpc_ad": Setting([], ("image_auroc",), 0.15),  # its config's CPU defaults: 64 px, 60 images, 8 epochs
+    "cpc_ad": Setting(["data.image_size=64", "trainer.max_epochs=8"], ("image_auroc",), 0.15,  # 60 images
+                      refit_tolerance=1e-3),
     "ssae": Setting([*SMALL, "data.image_size=32", "trainer.max_epochs=2"], ("pixel_auroc",), 0.05),
     # One-vs-all on gratings of ten orientations (tests/test_anomem.py), where one epoch learns the normal class.
     "anomem": Setting(["data=cifar10", "data.normal_class=0", "data.image_size=16", "model.memory_sizes=[32,16]",
@@ -101,7 +106,7 @@ def test_ddp_cpu_matches_one_process(model, data_root, tmp_path):
     refit = evaluate(compose_config("eval", [f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}", "fit_normal=true",
                                              f"paths.data_root={data_dir(data_root, MODELS[model].overrides)}",
                                              *QUIET], output_dir=tmp_path / "eval"))
-    assert refit == pytest.approx(ddp["metrics"], abs=1e-5)
+    assert refit == pytest.approx(ddp["metrics"], abs=MODELS[model].refit_tolerance)
 
 
 def test_training_killed_mid_epoch_and_resumed_matches_an_uninterrupted_one(data_root, tmp_path):

@@ -25,6 +25,12 @@ def grid_size(length: int, size: int, stride: int, option: str = "patch") -> int
     return (length - size) // stride + 1
 
 
+def no_shared_pixel_skip(size: int, stride: int) -> int:
+    """Grid cells to skip so that a patch and the one it predicts share no pixel: ceil(size / stride) - 1
+    (1 for 50 % overlap), Greedy InfoMax's `skip_step`."""
+    return -(-size // stride) - 1
+
+
 def unfold_patches(images: Tensor, size: int, stride: int) -> Tensor:
     """Every patch of [B, C, H, W] as a view [B, ny, nx, C, size, size] (no copy)."""
     grid_size(images.shape[-2], size, stride)
