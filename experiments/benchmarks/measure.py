@@ -118,6 +118,16 @@ def test_image_paths(category_dir: Path) -> list[Path]:
     return sorted(category_dir.glob("test/*/*.png"))
 
 
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The median wall time of `repeats` calls of `run`."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "anomalib"):
@@ -156,21 +166,12 @@ def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1, cache
 
     # What trainer.test does without the Evaluator: decoding, resizing, normalising, the forward.
     model.eval()
-    pipeline_seconds = []
     with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in datamodule.test_dataloader():
-                model(batch.image)
-            pipeline_seconds.append(time.perf_counter() - start)
+        pipeline_seconds = median_seconds(lambda: [model(batch.image) for batch in datamodule.test_dataloader()],
+                                          repeats)
         # The model alone on the same batches held in memory: the ceiling of the loader + forward.
         batches = [batch.image for batch in datamodule.test_dataloader()]
-        model_seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for images in batches:
-                model(images)
-            model_seconds.append(time.perf_counter() - start)
+        model_seconds = median_seconds(lambda: [model(images) for images in batches], repeats)
 
     test_images = len(datamodule.test_set)
     return {
@@ -184,8 +185,8 @@ def ours(category_dir: str, seed: int, num_workers: int, repeats: int = 1, cache
         "test_images": test_images,
         "test_seconds": test_seconds,
         "test_images_per_second": test_images / test_seconds,
-        "pipeline_images_per_second": test_images / statistics.median(pipeline_seconds),
-        "model_images_per_second": test_images / statistics.median(model_seconds),
+        "pipeline_images_per_second": test_images / pipeline_seconds,
+        "model_images_per_second": test_images / model_seconds,
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak,
     }
@@ -242,22 +243,16 @@ def references(category_dir: str, repeats: int, seed: int = 0, num_workers: int 
 
     layers_1_to_3 = bare_backbone(seed)
 
-    def timed(batches) -> list[float]:
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches():
-                layers_1_to_3(batch)
-            seconds.append(time.perf_counter() - start)
-        return seconds
+    def backbone_seconds(batches) -> float:
+        return median_seconds(lambda: [layers_1_to_3(batch) for batch in batches()], repeats)
 
     rates = {"decode_resize_images_per_second": len(paths) / statistics.median(decode_seconds)}
     with torch.inference_mode():
         layers_1_to_3(stacked[:batch_size])  # warm-up
-        rates["backbone_images_per_second"] = len(paths) / statistics.median(timed(lambda: stacked.split(batch_size)))
+        rates["backbone_images_per_second"] = len(paths) / backbone_seconds(lambda: stacked.split(batch_size))
         if num_workers:
             loader = DataLoader(BareImages(paths, image_size), batch_size=batch_size, num_workers=num_workers)
-            rates["bare_pipeline_images_per_second"] = len(paths) / statistics.median(timed(lambda: loader))
+            rates["bare_pipeline_images_per_second"] = len(paths) / backbone_seconds(lambda: loader)
     return {"seed": seed, "test_images": len(paths), "image_size": image_size, "batch_size": batch_size,
             "torch_threads": torch.get_num_threads(), **rates}
 

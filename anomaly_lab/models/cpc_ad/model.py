@@ -57,6 +57,11 @@ from anomaly_lab.models.cpc_ad.patches import grid_size, no_shared_pixel_skip, u
 from anomaly_lab.models.cpc_ad.scores import IMAGE_SCORES, image_scores, subpatch_map
 
 
+def per_direction(tensor: Tensor) -> Tensor:
+    """[E, ...] tensors of the E encoders as [4, ...], one per direction: a view when E = 1 (shared)."""
+    return tensor.expand(len(DIRECTIONS), *tensor.shape[1:])
+
+
 class CPCAD(AnomalyModel):
     name = "cpc_ad"
 
@@ -149,7 +154,7 @@ class CPCAD(AnomalyModel):
         [E, B, ny, nx, D] -> [4, B, Py, Px, G, G, D] (a view; shared encodings are expanded)."""
         step = self.hparams.patch_stride // self.hparams.subpatch_stride
         grids = encodings.unfold(2, self.grid, step).unfold(3, self.grid, step).permute(0, 1, 2, 3, 5, 6, 4)
-        return grids.expand(len(DIRECTIONS), *grids.shape[1:])
+        return per_direction(grids)
 
     # --- training -------------------------------------------------------------------------------
     def training_loss(self, images: Tensor) -> Tensor:
@@ -159,7 +164,7 @@ class CPCAD(AnomalyModel):
         pool = encodings.flatten(1, 3)  # [E, B * ny * nx, D]: each encoder's negatives are its own
         index = torch.randint(pool.shape[1], (*grids.shape[1:-1], self.hparams.negatives),
                               generator=self._train_generator)
-        negatives = pool[:, index.to(pool.device)].expand(len(DIRECTIONS), *index.shape, pool.shape[-1])
+        negatives = per_direction(pool[:, index.to(pool.device)])
         return directional_info_nce(grids, negatives, self.predictors, self.skip_step)[2]
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -198,8 +203,7 @@ class CPCAD(AnomalyModel):
             raise RuntimeError("CPCAD.score needs the bank of normal encodings: run fit_normal first")
         generator = torch.Generator().manual_seed(self.hparams.seed)
         index = torch.randint(bank.shape[1], (*grids_shape, self.hparams.negatives), generator=generator)
-        negatives = bank[:, index.to(bank.device)]
-        return negatives.expand(len(DIRECTIONS), *negatives.shape[1:])
+        return per_direction(bank[:, index.to(bank.device)])
 
     # --- scoring --------------------------------------------------------------------------------
     def subpatch_scores(self, images: Tensor) -> Tensor:
