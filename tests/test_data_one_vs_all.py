@@ -51,6 +51,13 @@ def test_count_makes_gamma_the_fraction_of_the_training_set(gamma):
     assert labelled_anomaly_count(100, 0.0) == 0
 
 
+def test_a_positive_gamma_gives_at_least_one_labelled_anomaly():
+    """CUB-200 has about 50 training images a class: gamma = 0.01 rounds to 0.5 anomalies, which must
+    become 1, not a silently one-class run."""
+    assert labelled_anomaly_count(50, 0.01) == 1
+    assert labelled_anomaly_count(30, 0.01) == 1
+
+
 def test_gamma_zero_is_one_class(cifar_root):
     dm = datamodule(cifar_root)
     assert drawn(dm) == [] and len(dm.train_set) == 36

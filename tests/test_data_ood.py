@@ -96,3 +96,23 @@ def test_configs_point_at_the_data_root_subfolders(tmp_path, option):
     dm = instantiate(cfg.data)
     folder = {"svhn": "svhn", "lsun": "lsun", "cifar100": "cifar-100-python"}[option]
     assert dm.root == tmp_path / "cifar-10-batches-py" and dm.ood_root == tmp_path / folder
+
+
+@pytest.mark.parametrize(("label_set", "classes"), [("coarse", 20), ("fine", 100)])
+def test_cifar100_in_distribution_keeps_its_classes_against_cifar10(tmp_path, cifar10, label_set, classes):
+    """All of CIFAR-100 trains with its classes in `target` (Table 4(a)'s CIFAR-100 column needs them)."""
+    cifar100 = write_cifar100(tmp_path, n_train=200, n_test=30)
+    dm = OODDataModule(str(cifar100), str(cifar10), "cifar10", in_dataset="cifar100", label_set=label_set,
+                       num_workers=0, batch_size=8, val_ratio=0)
+    dm.setup("fit")
+    assert dm.category == "cifar100_cifar10" and len(dm.train_set) == 200
+    assert sorted({s.target for s in dm.train_set.samples}) == list(range(classes))
+    test = dm.test_set.samples
+    assert sum(s.label == 1 for s in test) == 10 and all(("test_batch" in str(s.image_path)) == (s.label == 1) for s in test)
+    with pytest.raises(ConfigError, match="ood_dataset='cifar100' is unknown against cifar100"):
+        OODDataModule(str(cifar100), str(cifar10), "cifar100", in_dataset="cifar100")
+
+
+def test_cifar100_config_points_at_both_folders(tmp_path):
+    dm = instantiate(compose_config("train", ["data=ood/cifar100_cifar10", f"paths.data_root={tmp_path}"]).data)
+    assert (dm.root, dm.ood_root, dm.in_dataset) == (tmp_path / "cifar-100-python", tmp_path / "cifar-10-batches-py", "cifar100")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from anomaly_lab.models.anomem.memory import HopfieldMemory, hopfield_retrieve, hopfield_update
+from anomaly_lab.models.anomem.memory import HopfieldMemory, UsageMonitor, hopfield_retrieve, hopfield_update
 
 
 def test_update_equals_eq1_by_hand():
@@ -48,3 +49,46 @@ def test_memory_keeps_leading_dimensions_and_learns_its_patterns():
     normalized = HopfieldMemory(dim=5, size=7, norm="l2")
     normalized.patterns = memory.patterns
     assert torch.allclose(normalized(3 * z), normalized(z), atol=1e-5)  # retrieval by direction
+
+
+def test_l2_normalises_patterns_as_well_as_queries():
+    """hopfield_norm=l2: beta multiplies cosine similarities, so rescaling a stored pattern changes nothing
+    and one update equals softmax(beta cos(q, x_j)) over unit patterns, by hand."""
+    generator = torch.Generator().manual_seed(3)
+    memory = HopfieldMemory(dim=4, size=5, beta=8.0, max_iter=1, tol=0.0, norm="l2")
+    with torch.no_grad():
+        memory.patterns.copy_(torch.randn(4, 5, generator=generator))
+    queries = torch.randn(3, 4, generator=generator, dtype=torch.float32)
+    unit_q = queries / queries.norm(dim=1, keepdim=True)
+    unit_x = memory.patterns.detach() / memory.patterns.detach().norm(dim=0, keepdim=True)
+    expected = torch.stack([
+        sum(w * unit_x[:, j] for j, w in enumerate(torch.softmax(8.0 * (unit_x.T @ q), dim=0))) for q in unit_q])
+    assert torch.allclose(memory(queries), expected, atol=1e-5)
+    assert torch.allclose(memory.weights(queries), torch.softmax(8.0 * unit_q @ unit_x, dim=1), atol=1e-6)
+    rescaled = HopfieldMemory(dim=4, size=5, beta=8.0, max_iter=1, tol=0.0, norm="l2")
+    with torch.no_grad():
+        rescaled.patterns.copy_(memory.patterns * torch.tensor([0.1, 1.0, 5.0, 30.0, 2.0]))
+    assert torch.allclose(rescaled(queries), memory(queries), atol=1e-5)
+
+
+def test_usage_monitor_by_hand_on_hard_and_uniform_retrievals():
+    hard = torch.eye(4)[[0, 0, 1, 2]]  # four queries, patterns 0 (twice), 1 and 2; pattern 3 unused
+    monitor = UsageMonitor(4)
+    monitor.update(hard[:2])
+    monitor.update(hard[2:])  # accumulated over batches
+    summary = monitor.summary()
+    mean = [0.5, 0.25, 0.25]
+    entropy = -sum(p * math.log(p) for p in mean)
+    assert summary["used_patterns"] == 3 and summary["used_fraction"] == 0.75
+    assert summary["effective_patterns"] == pytest.approx(math.exp(entropy))
+    assert summary["mean_max_weight"] == 1.0
+    assert summary["distinct_prototypes"] == pytest.approx(math.exp(entropy))  # every query is certain
+    uniform = UsageMonitor(4)
+    uniform.update(torch.full((5, 4), 0.25))
+    summary = uniform.summary()
+    assert summary["used_patterns"] == 4 and summary["effective_patterns"] == pytest.approx(4.0)
+    assert summary["mean_max_weight"] == 0.25 and summary["distinct_prototypes"] == pytest.approx(1.0)
+    faint = UsageMonitor(200)  # 1/200 = 0.005 < 1 %: no pattern counts as used
+    faint.update(torch.full((3, 200), 1 / 200))
+    assert faint.summary()["used_patterns"] == 0
+    assert UsageMonitor(3).summary()["used_patterns"] == 0  # nothing seen

@@ -74,6 +74,7 @@ class ResultsWriter(pl.Callback):
             **self.metadata,
             "metrics": metrics,
             **evaluation,
+            **pl_module.training_record(),
             "threshold_source": getattr(trainer.datamodule, "threshold_source", None),
             "image_threshold": float(pl_module.image_threshold),
             "pixel_threshold": float(pl_module.pixel_threshold),

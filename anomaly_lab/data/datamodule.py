@@ -40,8 +40,10 @@ def split_holdout(count: int, val_ratio: float, seed: int) -> tuple[list[int], l
 
 def labelled_anomaly_count(n_normal: int, ratio: float) -> int:
     """How many labelled anomalies make the fraction `ratio` (gamma) of a training set holding `n_normal`
-    normals: round(ratio / (1 - ratio) * n_normal), so that anomalies / (normals + anomalies) ~ ratio."""
-    return round(ratio / (1 - ratio) * n_normal)
+    normals: round(ratio / (1 - ratio) * n_normal), so that anomalies / (normals + anomalies) ~ ratio,
+    and at least 1 when ratio > 0 (CUB's 50 normals a class at gamma = 0.01 would round to none)."""
+    count = round(ratio / (1 - ratio) * n_normal)
+    return max(count, 1) if ratio > 0 and n_normal > 0 else count
 
 
 def draw_labelled_anomalies(pool: Sequence[Sample], count: int, seed: int) -> list[Sample]:

@@ -61,6 +61,10 @@ class AnomalyModel(pl.LightningModule):
     def fit_normal(self, dataloader: DataLoader) -> None:
         """Fit statistics of normal data; combine devices with `sum_across_devices` or `gather_across_devices`."""
 
+    def training_record(self) -> dict[str, Any]:
+        """What the method measured during training, written into metrics.json beside the metrics."""
+        return {}
+
     def reseed_training(self, seed: int) -> None:
         """Reseed the method's own random streams of training (negatives, pairings, corruptions)."""
 

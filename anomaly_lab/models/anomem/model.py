@@ -31,8 +31,13 @@ regression on the frozen, globally average-pooled last-stage features of the tra
 must span several classes in `Batch.target`), its accuracy on the test images with a class logged as
 `test/linear_accuracy`.
 
+Memory usage (issue #20): every stage-1 epoch, a `UsageMonitor` per memory counts how the normal
+queries of Eq. 7 use the patterns (first Eq. 1 update): logged as train/memory_<summary>_<layer> and
+written, one record per epoch, as `memory_usage` in metrics.json (and kept in checkpoints).
+
 Where the paper is silent (config keys): learning rates, weight decay, epochs, batch size of CPU
-runs; `stem` (cifar: SimCLR's 3x3 stem for 32 px images); Hopfield iteration cap and tolerance
+runs; `stem` (auto: SimCLR's 3x3 stem for images up to 64 px, given by `image_size`, the ImageNet
+stem above; or cifar | imagenet); Hopfield iteration cap and tolerance
 (`hopfield_max_iter`, `hopfield_tol`), the patterns' initialisation (`memory_init`: random with
 `memory_init_std`, or data: feature vectors of the training normals), the normalisation of queries and
 patterns in Eq. 1 (`hopfield_norm`: none as written, l2, or layer as in Ramsauer et al.'s Hopfield
@@ -60,8 +65,8 @@ from torch.utils.data import DataLoader
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.anomem.linear_probe import fit_linear_probe
 from anomaly_lab.models.anomem.losses import double_hinge, mem, merge_scales, sample_positions, variance_loss
-from anomaly_lab.models.anomem.memory import NORMS, HopfieldMemory
-from anomaly_lab.models.anomem.networks import DistanceHead, ResNetStages
+from anomaly_lab.models.anomem.memory import NORMS, HopfieldMemory, UsageMonitor
+from anomaly_lab.models.anomem.networks import DistanceHead, ResNetStages, resolve_stem
 from anomaly_lab.models.anomem.prototypes import kmeans, nearest_prototype
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.nn.contrastive import nt_xent
@@ -81,7 +86,8 @@ class AnoMem(AnomalyModel):
         mode: str = "one_class",
         backbone: str = "resnet18",
         backbone_weights: str | None = None,
-        stem: str = "imagenet",
+        stem: str = "auto",
+        image_size: int | None = None,
         layers: Sequence[str] = ("layer3", "layer4"),
         memory_sizes: Sequence[int] = (512, 256),
         sampling_ratios: Sequence[float] = (0.3, 1.0),
@@ -150,12 +156,14 @@ class AnoMem(AnomalyModel):
         self.layers, self.memory_sizes, self.sampling_ratios, self.scale_weights = (
             layers, memory_sizes, sampling_ratios, weights)
 
-        self.encoder = ResNetStages(backbone, backbone_weights, layers, stem)
+        self.encoder = ResNetStages(backbone, backbone_weights, layers, resolve_stem(stem, image_size))
         channels = self.encoder.channels
         self.memories = nn.ModuleList(
             HopfieldMemory(c, n, beta, hopfield_max_iter, hopfield_tol, memory_init_std, hopfield_norm)
             for c, n in zip(channels, memory_sizes, strict=True)
         ) if memory else None
+        self.usage = [UsageMonitor(n) for n in memory_sizes] if memory else []
+        self.memory_usage: list[dict[str, Any]] = []  # one record per stage-1 epoch (UsageMonitor.summary)
         for i, (c, n) in enumerate(zip(channels, memory_sizes, strict=True)):
             self.register_buffer(f"centroids_{i}", torch.zeros(c, n))
         self.heads = nn.ModuleList(DistanceHead(c, pool_size, head_hidden) for c in channels) \
@@ -236,6 +244,7 @@ class AnoMem(AnomalyModel):
                 memory = self.memories[scale]
                 first, second = memory.query_space(first), memory.query_space(second)
                 retrieved = memory(first)
+                self.usage[scale].update(memory.weights(first[:, normal]))
                 contrast = mem(first, retrieved, normal)
                 variance = variance_loss(retrieved, normal, self.hparams.variance_axis)
             else:
@@ -278,7 +287,13 @@ class AnoMem(AnomalyModel):
     def in_stage1(self) -> bool:
         return self.current_epoch < self.stage1_epochs
 
+    def reseed_training(self, seed: int) -> None:
+        self._positions.manual_seed(seed)  # Omega (Eq. 7)
+
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        for monitor in self.usage:
+            monitor.reset()
         if self.current_epoch == self.stage1_epochs and self.stage2_epochs:
             self.encoder.requires_grad_(False)
             if self.memories is not None:
@@ -287,6 +302,25 @@ class AnoMem(AnomalyModel):
                 datamodule = self.trainer.datamodule
                 with torch.no_grad():
                     self.fit_kmeans(datamodule.normal_dataloader(self.global_rank, self.trainer.world_size))
+
+    def on_train_epoch_end(self) -> None:
+        if not (self.in_stage1() and self.usage):
+            return
+        record = {"epoch": self.current_epoch}
+        for layer, monitor in zip(self.layers, self.usage, strict=True):
+            record[layer] = monitor.summary(self.sum_across_devices)
+            self.log_dict({f"train/memory_{key}_{layer}": float(value) for key, value in record[layer].items()})
+        self.memory_usage.append(record)
+
+    def training_record(self) -> dict[str, Any]:
+        return {"memory_usage": self.memory_usage} if self.memory_usage else {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["memory_usage"] = self.memory_usage
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.memory_usage = list(checkpoint.get("memory_usage", []))
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         normal = batch.label == 0
@@ -324,12 +358,17 @@ class AnoMem(AnomalyModel):
         if self.hparams.linear_eval:
             self.fit_linear(dataloader)
 
-    def normal_vectors(self, dataloader: DataLoader, generator: torch.Generator) -> list[Tensor]:
+    def normal_vectors(self, dataloader: DataLoader, generator: torch.Generator,
+                       batch_statistics: bool = False) -> list[Tensor]:
         """Per scale, the feature vectors [N, C] at `kmeans_vectors_per_image` random positions of every
-        image of `dataloader` (encoder in eval mode), gathered over the devices."""
+        image of `dataloader`, gathered over the devices. The encoder runs in eval mode, or with
+        `batch_statistics` in train mode (batch norm on each batch's statistics, as training queries
+        are computed) with its running statistics left as they were."""
         per_scale = [[] for _ in self.layers]
         was_training = self.encoder.training
-        self.encoder.eval()
+        running = {key: value.clone() for key, value in self.encoder.state_dict().items()
+                   if key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        self.encoder.train(batch_statistics)
         with torch.no_grad():
             for batch in dataloader:
                 for scale, z in enumerate(self.encoder(batch.image.to(self.device))):
@@ -339,6 +378,7 @@ class AnoMem(AnomalyModel):
                     index = index.to(self.device).unsqueeze(-1).expand(-1, -1, z.shape[1])
                     per_scale[scale].append(vectors.gather(1, index).flatten(0, 1))
         self.encoder.train(was_training)
+        self.encoder.load_state_dict(running, strict=False)
         return [self.gather_across_devices(torch.cat(chunks)).float() for chunks in per_scale]
 
     def fit_kmeans(self, dataloader: DataLoader) -> None:
@@ -350,9 +390,11 @@ class AnoMem(AnomalyModel):
 
     def init_memories_from_data(self, dataloader: DataLoader) -> None:
         """memory_init=data: each scale's patterns start as N_mem feature vectors of the training normals
-        (drawn with the seed; with replacement when there are fewer vectors than patterns)."""
+        (drawn with the seed; with replacement when there are fewer vectors than patterns), computed as
+        stage 1 computes its queries (batch norm on batch statistics), so that they start at their scale."""
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        for memory, vectors in zip(self.memories, self.normal_vectors(dataloader, generator), strict=True):
+        vectors_per_scale = self.normal_vectors(dataloader, generator, batch_statistics=True)
+        for memory, vectors in zip(self.memories, vectors_per_scale, strict=True):
             size = memory.patterns.shape[1]
             if len(vectors) >= size:
                 index = torch.randperm(len(vectors), generator=generator)[:size]

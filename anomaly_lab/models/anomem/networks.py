@@ -11,6 +11,20 @@ from anomaly_lab.errors import ConfigError
 from anomaly_lab.nn.backbones import RESNET_LAYERS, load_backbone, resnet_layers
 
 STEMS = ("imagenet", "cifar")
+CIFAR_STEM_MAX_SIZE = 64  # stem=auto: SimCLR's CIFAR stem up to this image side, the ImageNet stem above
+
+
+def resolve_stem(stem: str, image_size: int | None) -> str:
+    """`stem`, or for stem=auto the stem that suits `image_size` (the model's data.image_size): cifar for
+    images of at most CIFAR_STEM_MAX_SIZE px (32 px CIFAR keeps 4 x 4 maps after layer4, not 1 x 1),
+    imagenet above (224 px CUB keeps 7 x 7, not 28 x 28)."""
+    if stem != "auto":
+        return stem
+    if image_size is None:
+        raise ConfigError("model.stem=auto needs model.image_size (conf/model/anomem.yaml sets ${data.image_size}); "
+                          "or set model.stem=imagenet|cifar")
+    side = image_size if isinstance(image_size, int) else max(image_size)  # an int or (h, w)
+    return "cifar" if side <= CIFAR_STEM_MAX_SIZE else "imagenet"
 
 
 class ResNetStages(nn.Module):
@@ -24,7 +38,7 @@ class ResNetStages(nn.Module):
         super().__init__()
         layers = resnet_layers(layers)
         if stem not in STEMS:
-            raise ConfigError(f"model.stem={stem!r} must be one of {', '.join(STEMS)}")
+            raise ConfigError(f"model.stem={stem!r} must be auto or one of {', '.join(STEMS)}")
         net = load_backbone(arch, weights)
         if not all(hasattr(net, name) for name in ("conv1", "bn1", "relu", "maxpool", *RESNET_LAYERS)):
             raise ConfigError(f"model.backbone={arch!r}: AnoMem needs a torchvision ResNet (resnet18, resnet50, ...)")
