@@ -153,6 +153,7 @@ def test_paper_experiments_compose_with_the_paper_settings(experiment, tmp_path)
     assert cfg.model.memory_sizes == [512, 256] and cfg.model.sampling_ratios == [0.3, 1.0]
     assert cfg.model.beta == 2.0 and cfg.model.temperature == 0.1 and cfg.model.lambda_v == 0.05
     assert cfg.model.margin == 2.0 and cfg.model.memory_init == "random"
+    assert cfg.model.hopfield_norm == "none" and not cfg.model.memory_restart  # Eq. 1 as written
     assert cfg.data.batch_size in (1024, 256) and cfg.data.train_views == 2
     assert isinstance(instantiate(cfg.model), AnoMem)
 

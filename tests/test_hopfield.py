@@ -92,3 +92,19 @@ def test_usage_monitor_by_hand_on_hard_and_uniform_retrievals():
     faint.update(torch.full((3, 200), 1 / 200))
     assert faint.summary()["used_patterns"] == 0
     assert UsageMonitor(3).summary()["used_patterns"] == 0  # nothing seen
+
+
+def test_restart_moves_only_the_unused_patterns_onto_candidates():
+    memory = HopfieldMemory(dim=3, size=4)
+    before = memory.patterns.detach().clone()
+    monitor = UsageMonitor(4)
+    monitor.update(torch.eye(4)[[1, 1, 3]])  # patterns 0 and 2 unused
+    dead = monitor.unused()
+    assert dead.tolist() == [True, False, True, False]
+    candidates = torch.tensor([[10.0, 0, 0], [0, 20.0, 0], [0, 0, 30.0]])
+    assert memory.restart(dead, candidates, torch.Generator().manual_seed(0)) == 2
+    after = memory.patterns.detach()
+    assert torch.equal(after[:, [1, 3]], before[:, [1, 3]])
+    moved = {tuple(after[:, j].tolist()) for j in (0, 2)}
+    assert len(moved) == 2 and moved <= {tuple(c.tolist()) for c in candidates}  # distinct candidates
+    assert memory.restart(torch.zeros(4, dtype=torch.bool), candidates, torch.Generator()) == 0

@@ -54,7 +54,8 @@ ROWS = [
 ]
 README_BEGIN, README_END = "<!-- benchmark.py: begin -->", "<!-- benchmark.py: end -->"
 CANDIDATES = [("eq1 beta=2", ["model.hopfield_norm=none", "model.beta=2"])] + [
-    (f"l2 beta={beta}", ["model.hopfield_norm=l2", f"model.beta={beta}"]) for beta in (4, 8, 16, 32, 64)]
+    (f"l2 beta={beta}", ["model.hopfield_norm=l2", f"model.beta={beta}"]) for beta in (4, 8, 16, 32, 64)] + [
+    ("l2 beta=32 restart", ["model.hopfield_norm=l2", "model.beta=32", "model.memory_restart=true"])]
 
 
 def train_run(overrides: list[str], run_dir: Path, data_root: Path) -> float:
@@ -87,17 +88,20 @@ def held_out_usage(run_dir: Path) -> dict[str, dict[str, float]]:
 
 def select(args) -> None:
     rows = []
-    for name, overrides in CANDIDATES:
+    candidates = [c for c in CANDIDATES if args.candidates is None or c[0] in args.candidates]
+    for name, overrides in candidates:
         for normal_class in args.classes:
-            run_dir = args.runs / "select" / f"{name.replace(' ', '_').replace('=', '')}_{normal_class}"
+            run_dir = args.runs / f"select_e{args.epochs}" / f"{name.replace(' ', '_').replace('=', '')}_{normal_class}"
             budget = [f"data.normal_class={normal_class}", f"model.stage1_epochs={args.epochs}",
                       f"data.val_ratio={HELD_OUT}", "callbacks=none"]
-            seconds = train_run([*budget, *overrides], run_dir, args.data_root)
-            loss = last_logged(run_dir, "train/loss_stage1")
+            if not (run_dir / "metrics.json").exists():  # else finished by an earlier call
+                train_run([*budget, *overrides], run_dir, args.data_root)
+            record = json.loads((run_dir / "metrics.json").read_text())
             rows.append({"name": name, "overrides": overrides, "normal_class": normal_class, "epochs": args.epochs,
-                         "train_loss": loss, "held_out": held_out_usage(run_dir), "minutes": round(seconds / 60, 1)})
+                         "train_loss": last_logged(run_dir, "train/loss_stage1"), "held_out": held_out_usage(run_dir),
+                         "training_usage": record["memory_usage"], "fit_minutes": round(record["fit_seconds"] / 60, 1)})
             print(f"  {rows[-1]}", flush=True)
-            write_json("select.json", {"epochs": args.epochs, "val_ratio": HELD_OUT, "rows": rows,
+            write_json(f"select_e{args.epochs}.json", {"epochs": args.epochs, "val_ratio": HELD_OUT, "rows": rows,
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
@@ -117,7 +121,7 @@ def run(args) -> None:
                       "fit_seconds": record["fit_seconds"], "epochs": config.model.get("stage1_epochs"),
                       "memory_usage": record.get("memory_usage", [])[-1:],
                       "train_loss": last_logged(run_dir, "train/loss_stage1") if name != "padim" else None,
-                      "commit": record.get("commit"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                      "commit": record.get("git_commit"), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(f"rows/{name}_{normal_class}.json", result)
             print(f"  {result}", flush=True)
 
@@ -148,8 +152,8 @@ def report(_args) -> None:
         lines.append(f"| {name}: {description} | " + " | ".join(cells) +
                      f" | {'-' if means[name] is None else f'{means[name]:.3f}'} | "
                      f"{'-' if minutes is None else f'{minutes:.1f}'} |")
-    if (RESULTS / "select.json").exists():
-        lines += ["", *select_lines(json.loads((RESULTS / "select.json").read_text()))]
+    for path in sorted(RESULTS.glob("select_e*.json"), key=lambda p: int(p.stem.removeprefix("select_e"))):
+        lines += ["", *select_lines(json.loads(path.read_text()))]
     readme = (HERE / "README.md").read_text()
     start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
     (HERE / "README.md").write_text(readme[:start] + "\n" + "\n".join(lines) + "\n" + readme[end:])
@@ -172,6 +176,16 @@ def select_lines(record: dict) -> list[str]:
             cells += [f"{u['used_fraction']:.0%}", f"{u['effective_patterns']:.1f}", f"{u['mean_max_weight']:.3f}",
                       f"{u['distinct_prototypes']:.1f}"]
         lines.append(f"| {row['name']} | {row['normal_class']} | {row['train_loss']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "The same runs' training queries, epoch by epoch (the usage monitor of metrics.json): layer3 patterns "
+              "used and mean largest weight.", "", "| retrieval | class | layer3 used | layer3 largest weight |",
+              "|---|---|---|---|"]
+    for row in record["rows"]:
+        usage = row["training_usage"]
+        shown = usage[:-1][:: max(1, len(usage) // 5)][:5] + usage[-1:]  # about six epochs, the last included
+        epochs = [epoch["layer3"] for epoch in shown]
+        lines.append(f"| {row['name']} | {row['normal_class']} | epochs {', '.join(str(e['epoch'] + 1) for e in shown)}: "
+                     + " -> ".join(f"{u['used_fraction']:.0%}" for u in epochs) + " | "
+                     + " -> ".join(f"{u['mean_max_weight']:.2f}" for u in epochs) + " |")
     return lines
 
 
@@ -213,6 +227,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="select: 0 1; run: 0-9")
     parser.add_argument("--rows", nargs="+", default=[name for name, _, _ in ROWS], choices=[n for n, _, _ in ROWS])
     parser.add_argument("--epochs", type=int, default=4, help="select: stage-1 epochs of each candidate")
+    parser.add_argument("--candidates", nargs="+", default=None, choices=[name for name, _ in CANDIDATES],
+                        help="select: these retrievals only (default: all)")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--runs", type=Path, default=REPO / "logs" / "anomem_cifar10")
     args = parser.parse_args()

@@ -88,6 +88,20 @@ class HopfieldMemory(nn.Module):
         flat = z.reshape(-1, z.shape[-1])
         return retrieval_weights(normalize(flat, self.norm), normalize(self.patterns.T, self.norm).T, self.beta)
 
+    @torch.no_grad()
+    def restart(self, dead: Tensor, candidates: Tensor, generator: torch.Generator) -> int:
+        """Move the patterns flagged in `dead` [size] (bool) onto vectors drawn from `candidates` [N, dim]
+        (without replacement where N allows, with `generator`); returns how many moved."""
+        count = int(dead.sum())
+        if count == 0 or len(candidates) == 0:
+            return 0
+        if len(candidates) >= count:
+            index = torch.randperm(len(candidates), generator=generator)[:count]
+        else:
+            index = torch.randint(len(candidates), (count,), generator=generator)
+        self.patterns[:, dead.to(self.patterns.device)] = candidates[index.to(candidates.device)].T.to(self.patterns)
+        return count
+
     def forward(self, z: Tensor) -> Tensor:
         flat = z.reshape(-1, z.shape[-1])
         return hopfield_retrieve(flat, self.patterns, self.beta, self.max_iter, self.tol, self.norm).reshape(z.shape)
@@ -125,6 +139,10 @@ class UsageMonitor:
         entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
         extra = torch.stack([weights.max(dim=-1).values.sum(), entropy.sum(), weights.new_tensor(float(len(weights)))])
         self.totals = self.totals.to(weights.device) + torch.cat([hits, weights.sum(dim=0), extra])
+
+    def unused(self, reduce=lambda tensor: tensor) -> Tensor:
+        """[size] bool: the patterns that no query gave `USED_WEIGHT` of its weight."""
+        return reduce(self.totals)[: self.size] == 0
 
     def summary(self, reduce=lambda tensor: tensor) -> dict[str, float]:
         totals = reduce(self.totals)

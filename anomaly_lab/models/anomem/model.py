@@ -39,7 +39,8 @@ Where the paper is silent (config keys): learning rates, weight decay, epochs, b
 runs; `stem` (auto: SimCLR's 3x3 stem for images up to 64 px, given by `image_size`, the ImageNet
 stem above; or cifar | imagenet); Hopfield iteration cap and tolerance
 (`hopfield_max_iter`, `hopfield_tol`), the patterns' initialisation (`memory_init`: random with
-`memory_init_std`, or data: feature vectors of the training normals), the normalisation of queries and
+`memory_init_std`, or data: feature vectors of the training normals), `memory_restart` (patterns
+unused for an epoch restart on training queries), the normalisation of queries and
 patterns in Eq. 1 (`hopfield_norm`: none as written, l2, or layer as in Ramsauer et al.'s Hopfield
 layers; the deviation of Eq. 8 then compares the normalised query with its retrieval); `deviation`
 (cosine: Eq. 8 on L2-normalised vectors, the geometry NT-Xent trains; raw: as written); what Var
@@ -70,6 +71,7 @@ from anomaly_lab.models.anomem.networks import DistanceHead, ResNetStages, resol
 from anomaly_lab.models.anomem.prototypes import kmeans, nearest_prototype
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.nn.contrastive import nt_xent
+from anomaly_lab.seeding import derive_seed
 
 MODES = ("one_class", "semi_supervised")
 PROTOTYPES = ("memory", "kmeans")
@@ -101,6 +103,7 @@ class AnoMem(AnomalyModel):
         memory_init_std: float = 1.0,
         hopfield_norm: str = "none",
         memory_init: str = "random",
+        memory_restart: bool = False,
         temperature: float = 0.1,
         lambda_v: float = 0.05,
         variance_axis: str = "batch",
@@ -163,6 +166,7 @@ class AnoMem(AnomalyModel):
             for c, n in zip(channels, memory_sizes, strict=True)
         ) if memory else None
         self.usage = [UsageMonitor(n) for n in memory_sizes] if memory else []
+        self._last_queries: dict[int, Tensor] = {}  # per scale, the last batch's normal queries (memory_restart)
         self.memory_usage: list[dict[str, Any]] = []  # one record per stage-1 epoch (UsageMonitor.summary)
         for i, (c, n) in enumerate(zip(channels, memory_sizes, strict=True)):
             self.register_buffer(f"centroids_{i}", torch.zeros(c, n))
@@ -244,7 +248,10 @@ class AnoMem(AnomalyModel):
                 memory = self.memories[scale]
                 first, second = memory.query_space(first), memory.query_space(second)
                 retrieved = memory(first)
-                self.usage[scale].update(memory.weights(first[:, normal]))
+                queries = first[:, normal].reshape(-1, channels)
+                self.usage[scale].update(memory.weights(queries))
+                if self.hparams.memory_restart:
+                    self._last_queries[scale] = queries.detach()
                 contrast = mem(first, retrieved, normal)
                 variance = variance_loss(retrieved, normal, self.hparams.variance_axis)
             else:
@@ -307,10 +314,29 @@ class AnoMem(AnomalyModel):
         if not (self.in_stage1() and self.usage):
             return
         record = {"epoch": self.current_epoch}
-        for layer, monitor in zip(self.layers, self.usage, strict=True):
+        for scale, (layer, monitor) in enumerate(zip(self.layers, self.usage, strict=True)):
             record[layer] = monitor.summary(self.sum_across_devices)
+            if self.hparams.memory_restart:
+                record[layer]["restarted"] = self.restart_unused(scale)
             self.log_dict({f"train/memory_{key}_{layer}": float(value) for key, value in record[layer].items()})
         self.memory_usage.append(record)
+
+    def restart_unused(self, scale: int) -> int:
+        """memory_restart: the patterns no query of the epoch used move onto normal queries of its last
+        batch (gathered over the devices, drawn with a seed shared by all of them), and their momentum is
+        cleared: a dead pattern gets no gradient through the retrieval and would stay dead. The restart
+        of VQ codebooks; the paper has none."""
+        if scale not in self._last_queries:
+            return 0
+        memory = self.memories[scale]
+        dead = self.usage[scale].unused(self.sum_across_devices)
+        candidates = self.gather_across_devices(self._last_queries[scale])
+        generator = torch.Generator().manual_seed(derive_seed(self.hparams.seed, self.current_epoch, scale))
+        moved = memory.restart(dead, candidates, generator)
+        state = self.optimizers().optimizer.state.get(memory.patterns, {}) if moved else {}
+        if state.get("momentum_buffer") is not None:
+            state["momentum_buffer"][:, dead.to(memory.patterns.device)] = 0
+        return moved
 
     def training_record(self) -> dict[str, Any]:
         return {"memory_usage": self.memory_usage} if self.memory_usage else {}
