@@ -69,17 +69,17 @@ def test_short_training_uses_the_memory_and_the_gradient_reaches_its_patterns(to
 
 
 def test_unused_patterns_restart_on_queries_with_their_momentum_cleared(toy_root, tmp_path):
-    """memory_restart: after the last epoch, the patterns no query used sit on (unit-norm, l2) queries of
-    its last batch, and their momentum is zero (SGD's buffers in the final checkpoint)."""
-    usage = run(toy_root, tmp_path, "callbacks=none", "model.stage1_epochs=2", "model.memory_sizes=[128,64]",
-                "model.memory_restart=true", "model.beta=128")["memory_usage"]
-    assert all("restarted" in epoch[layer] for epoch in usage for layer in ("layer3", "layer4"))
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    state = checkpoint["state_dict"]
+    """memory_restart: after an epoch, the patterns no query used sit on (unit-norm, l2) queries of its
+    last batch, with zero momentum (SGD's buffers in that epoch's checkpoint); not after the last epoch."""
+    usage = run(toy_root, tmp_path, "model.stage1_epochs=2", "model.memory_sizes=[256,256]", "model.beta=128",
+                "model.memory_restart=true", "callbacks=default", "callbacks.visualizer=null",
+                "callbacks.model_checkpoint.save_top_k=-1")["memory_usage"]
+    assert not any("restarted" in usage[-1][layer] for layer in ("layer3", "layer4"))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "epoch_000.ckpt", map_location="cpu", weights_only=False)
     momentum = [v["momentum_buffer"] for v in checkpoint["optimizer_states"][0]["state"].values()]
     for scale, layer in enumerate(("layer3", "layer4")):
-        restarted = usage[-1][layer]["restarted"]
-        patterns = state[f"memories.{scale}.patterns"]
+        restarted = usage[0][layer]["restarted"]
+        patterns = checkpoint["state_dict"][f"memories.{scale}.patterns"]
         (buffer,) = [m for m in momentum if m.shape == patterns.shape]
         cleared = buffer.abs().sum(dim=0) == 0
         assert restarted > 0 and int(cleared.sum()) == restarted, (layer, restarted, int(cleared.sum()))

@@ -316,7 +316,7 @@ class AnoMem(AnomalyModel):
         record = {"epoch": self.current_epoch}
         for scale, (layer, monitor) in enumerate(zip(self.layers, self.usage, strict=True)):
             record[layer] = monitor.summary(self.sum_across_devices)
-            if self.hparams.memory_restart:
+            if self.hparams.memory_restart and self.current_epoch + 1 < self.stage1_epochs:
                 record[layer]["restarted"] = self.restart_unused(scale)
             self.log_dict({f"train/memory_{key}_{layer}": float(value) for key, value in record[layer].items()})
         self.memory_usage.append(record)
@@ -325,7 +325,8 @@ class AnoMem(AnomalyModel):
         """memory_restart: the patterns no query of the epoch used move onto normal queries of its last
         batch (gathered over the devices, drawn with a seed shared by all of them), and their momentum is
         cleared: a dead pattern gets no gradient through the retrieval and would stay dead. The restart
-        of VQ codebooks; the paper has none."""
+        of VQ codebooks; the paper has none. Not after the last stage-1 epoch: a restarted pattern is
+        there to be trained, and the memory that scores is the trained one."""
         if scale not in self._last_queries:
             return 0
         memory = self.memories[scale]
