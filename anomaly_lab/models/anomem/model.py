@@ -422,14 +422,8 @@ class AnoMem(AnomalyModel):
         generator = torch.Generator().manual_seed(self.hparams.seed)
         vectors_per_scale = self.normal_vectors(dataloader, generator, batch_statistics=True)
         for memory, vectors in zip(self.memories, vectors_per_scale, strict=True):
-            size = memory.patterns.shape[1]
-            if len(vectors) >= size:
-                index = torch.randperm(len(vectors), generator=generator)[:size]
-            else:
-                index = torch.randint(len(vectors), (size,), generator=generator)
-            with torch.no_grad():
-                chosen = vectors[index.to(vectors.device)]
-                memory.patterns.copy_(chosen.T)
+            every = torch.ones(memory.patterns.shape[1], dtype=torch.bool)
+            memory.restart(every, vectors, generator)  # every pattern onto a drawn vector
 
     def pooled_features(self, images: Tensor) -> Tensor:
         """The globally average-pooled last-stage features [B, C]: what the linear probe sees."""
