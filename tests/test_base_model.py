@@ -106,6 +106,18 @@ def test_resizing_and_blur_equal_bilinear_interpolation_then_the_two_dimensional
     torch.testing.assert_close(resize_and_blur(maps, size, sigma), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resizing_and_blur_run_in_float32_under_bf16_autocast(dtype):
+    # Under autocast the two matrix products would return bf16 maps: 3 significant digits, close
+    # pixels tied, and the order of ties left to each device's rounding (issue #22, a DDP refit of SSAE).
+    maps = torch.rand(2, 1, 40, 52, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = resize_and_blur(maps.float(), (160, 208), 4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred = resize_and_blur(maps, (160, 208), 4.0)
+    assert blurred.dtype == torch.float32
+    torch.testing.assert_close(blurred, expected, atol=0, rtol=1e-6)
+
+
 class ConvModel(CountingModel):
     """CountingModel whose map goes through a convolution."""
 

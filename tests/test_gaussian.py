@@ -73,3 +73,41 @@ def test_too_few_images_is_an_error():
     gaussian.update(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="at least 2"):
         gaussian.finalize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_under_bf16_autocast_equal_the_float32_computation(dtype):
+    """100 channels, 8 x 8 positions, a mean large against the spread (as backbone features under
+    autocast): without autocast disabled inside, the distances differed here by up to 0.5 % relative."""
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.randn(200, 100, 8, 8, generator=gen) + 20).to(dtype)
+    test = (torch.randn(6, 100, 8, 8, generator=gen) * 1.5 + 20).to(dtype)
+    exact = PositionalGaussian()
+    exact.update(train.float())
+    exact.finalize()
+    expected = exact(test.float())
+    mixed = PositionalGaussian()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.update(train)
+        mixed.finalize()
+        scores = mixed(test)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=0)
+
+
+def test_inverse_of_large_covariances_on_several_threads():
+    """All channels of a backbone (hundreds) on 2 threads: torch's batched LU fails there, Cholesky does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        features = torch.randn(300, 260, 4, 4, generator=torch.Generator().manual_seed(2))
+        gaussian = PositionalGaussian()
+        gaussian.update(features)
+        gaussian.finalize()
+    finally:
+        torch.set_num_threads(threads)
+    x = features.flatten(2).permute(2, 0, 1).double()  # [P, N, D]
+    centred = x - x.mean(dim=1, keepdim=True)
+    covariance = centred.transpose(1, 2) @ centred / (x.shape[1] - 1) + 0.01 * torch.eye(260, dtype=torch.float64)
+    identity = covariance @ gaussian.inv_covariance.double()
+    torch.testing.assert_close(identity, torch.eye(260, dtype=torch.float64).expand_as(identity), atol=1e-4, rtol=0)

@@ -1,6 +1,7 @@
-"""Callbacks shared by every method: heat-map panels and the run's metrics.json."""
+"""Callbacks shared by every method: heat-map panels, the run's metrics.json, early stopping on the best weights."""
 
+from anomaly_lab.callbacks.early_stopping import EarlyStoppingOnBest
 from anomaly_lab.callbacks.results import ResultsWriter, git_commit
 from anomaly_lab.callbacks.visualizer import Visualizer
 
-__all__ = ["ResultsWriter", "Visualizer", "git_commit"]
+__all__ = ["EarlyStoppingOnBest", "ResultsWriter", "Visualizer", "git_commit"]

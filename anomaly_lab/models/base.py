@@ -191,6 +191,19 @@ class AnomalyModel(pl.LightningModule):
         gathered = self.all_gather(padded)  # [world_size, longest, ...]
         return torch.cat([part[:length] for part, length in zip(gathered, lengths, strict=True)])
 
+    def gather_in_dataset_order(self, tensor: Tensor) -> Tensor:
+        """Gather per-image rows of this device's share of `normal_dataloader` (every world_size-th image
+        from the rank) from all devices, in the order of the dataset: what one process would hold."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        world_size = self.trainer.world_size
+        gathered = self.gather_across_devices(tensor)  # rank 0's images, then rank 1's, ...
+        offsets = [0]
+        for rank in range(world_size - 1):
+            offsets.append(offsets[-1] + len(range(rank, len(gathered), world_size)))
+        order = [offsets[image % world_size] + image // world_size for image in range(len(gathered))]
+        return gathered[torch.tensor(order, device=gathered.device)]
+
 
 def plain_containers(value: Any) -> Any:
     """`value` with every mapping turned into a dict and every sequence but strings and tuples into a list."""

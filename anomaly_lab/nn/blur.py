@@ -31,12 +31,16 @@ def resize_and_blur(maps: Tensor, size: tuple[int, int], sigma: float) -> Tensor
     of std `sigma` pixels (0: none) truncated at 4 sigma, borders reflected.
 
     Both steps are linear and separable, so each axis is one matrix and the whole is two matrix
-    products, A_h^T @ map @ A_w: several times faster on CPU than a one-channel convolution.
+    products, A_h^T @ map @ A_w: several times faster on CPU than a one-channel convolution. They run
+    in float32 with autocast disabled: under bf16 autocast the maps would round to 3 significant
+    digits, tie close pixels, and the order of ties would follow the float rounding of each device.
     """
     height, width = int(size[0]), int(size[1])
+    maps = maps.float()
     if sigma <= 0 and maps.shape[-2:] == (height, width):
         return maps
     radius = min(math.ceil(4 * sigma), height - 1, width - 1)  # reflect padding needs radius < size
-    rows = _axis_operator(maps.shape[-2], height, sigma, radius, maps)
-    columns = _axis_operator(maps.shape[-1], width, sigma, radius, maps)
-    return rows.T @ maps @ columns
+    with torch.autocast(maps.device.type, enabled=False):
+        rows = _axis_operator(maps.shape[-2], height, sigma, radius, maps)
+        columns = _axis_operator(maps.shape[-1], width, sigma, radius, maps)
+        return rows.T @ maps @ columns

@@ -17,10 +17,14 @@ class PositionalGaussian(nn.Module):
 
     `update` adds a batch of feature maps [B, D, H, W] to running float64 sums (count, sum and sum of
     outer products per position), in place, so memory does not grow with the number of images.
-    `finalize` turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM),
-    stored as float32 buffers that travel with checkpoints; it works in place on the sums and
-    inverts `inverse_chunk` positions at a time, so its peak is the sums, the float32 inverse and one
-    chunk's temporaries.
+    `finalize` turns them into the mean and the inverse of Sigma + eps * I (eps = 0.01 in PaDiM, by
+    Cholesky), stored as float32 buffers that travel with checkpoints; it works in place on the sums
+    and inverts `inverse_chunk` positions at a time, so its peak is the sums, the float32 inverse and
+    one chunk's temporaries.
+
+    Fitting runs in float64 and scoring in float32 with autocast disabled, whatever the trainer's
+    precision: under bf16 autocast the products of Eq. 7 would round to 3 significant digits and
+    reorder close scores. Features that arrive in bf16 are scored as their float32 values.
     """
 
     inverse_chunk = 512
@@ -51,7 +55,8 @@ class PositionalGaussian(nn.Module):
             self._outer = x.new_zeros(positions, dims, dims)
         self._count += x.shape[1]
         self._sum += x.sum(dim=1)
-        self._outer.baddbmm_(x.transpose(1, 2), x)  # += x^T x per position, without a temporary
+        with torch.autocast(x.device.type, enabled=False):
+            self._outer.baddbmm_(x.transpose(1, 2), x)  # += x^T x per position, without a temporary
 
     @torch.no_grad()
     def finalize(self, reduce_sum: Callable[[Tensor], Tensor] = lambda t: t) -> None:
@@ -62,14 +67,18 @@ class PositionalGaussian(nn.Module):
         total, outer = reduce_sum(self._sum), reduce_sum(self._outer)
         if count < 2:
             raise ValueError(f"a Gaussian needs at least 2 normal images, got {int(count)}")
-        mean = total / count
-        # Sigma = (sum x x^T - n mu mu^T) / (n - 1) + eps I, overwriting the sum of outer products.
-        covariance = outer.baddbmm_(mean.unsqueeze(2), mean.unsqueeze(1), alpha=-float(count)).div_(count - 1)
-        covariance.diagonal(dim1=1, dim2=2).add_(self.covariance_eps)
-        inv_covariance = torch.empty(covariance.shape, dtype=torch.float32, device=covariance.device)
-        for start in range(0, covariance.shape[0], self.inverse_chunk):
-            chunk = slice(start, start + self.inverse_chunk)
-            inv_covariance[chunk] = torch.linalg.inv(covariance[chunk])
+        with torch.autocast(total.device.type, enabled=False):
+            mean = total / count
+            # Sigma = (sum x x^T - n mu mu^T) / (n - 1) + eps I, overwriting the sum of outer products.
+            covariance = outer.baddbmm_(mean.unsqueeze(2), mean.unsqueeze(1), alpha=-float(count)).div_(count - 1)
+            covariance.diagonal(dim1=1, dim2=2).add_(self.covariance_eps)
+            inv_covariance = torch.empty(covariance.shape, dtype=torch.float32, device=covariance.device)
+            for start in range(0, covariance.shape[0], self.inverse_chunk):
+                chunk = slice(start, start + self.inverse_chunk)
+                # Cholesky (Sigma + eps I is symmetric positive definite): torch's batched LU
+                # (linalg.inv) runs MKL's getrf on several threads at once for matrices above ~14
+                # rows and fails with "Pivots given to lu_solve ..." (pytorch#141358).
+                inv_covariance[chunk] = torch.cholesky_inverse(torch.linalg.cholesky(covariance[chunk]))
         self.mean = mean.float()
         self.inv_covariance = inv_covariance
         self.reset()
@@ -77,9 +86,11 @@ class PositionalGaussian(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """Mahalanobis distance (Eq. 7) of each position of [B, D, H, W] features: returns [B, H, W]."""
         batch, _, height, width = features.shape
-        delta = features.flatten(2).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)  # [P, B, D]
+        # [P, B, D] in float32 (a copy: the caller's features are not changed)
+        delta = features.flatten(2).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         delta -= self.mean.unsqueeze(1)
-        squared = torch.bmm(delta, self.inv_covariance).mul_(delta).sum(dim=2)
+        with torch.autocast(delta.device.type, enabled=False):
+            squared = torch.bmm(delta, self.inv_covariance).mul_(delta).sum(dim=2)
         return squared.clamp_min(0).sqrt().T.reshape(batch, height, width)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

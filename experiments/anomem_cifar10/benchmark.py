@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,9 +35,9 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO))
 from anomaly_lab.models.anomem.memory import UsageMonitor  # noqa: E402
 from anomaly_lab.run import load_weights  # noqa: E402
+from experiments.commands import run as run_command  # noqa: E402
 
 DATA_ROOT = REPO.parent / "shared" / "data"  # holds cifar-10-batches-py
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 HELD_OUT = 0.2
 # (name, overrides): the retrievals `select` compares.
 # (name, what it is, overrides on top of `model=anomem data=cifar10`, the model config's defaults): the rows of `run`.
@@ -59,16 +58,9 @@ CANDIDATES = [("eq1 beta=2", ["model.hopfield_norm=none", "model.beta=2"])] + [
 
 
 def train_run(overrides: list[str], run_dir: Path, data_root: Path) -> float:
-    """train.py in run_dir (its log beside it); the wall time in seconds."""
+    """train.py in run_dir (its log beside it) on CIFAR-10, AnoMem unless the overrides name a model."""
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=anomem"]
-    command = [sys.executable, "train.py", *QUIET, *model, "data=cifar10", *overrides,
-               f"paths.data_root={data_root}", f"paths.cache_dir={run_dir.parent / 'cache'}", f"hydra.run.dir={run_dir}"]
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}", flush=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    with open(run_dir.with_suffix(".log"), "w") as log:
-        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return time.time() - started
+    return run_command("train.py", [*model, "data=cifar10", *overrides], run_dir, data_root)
 
 
 @torch.no_grad()
@@ -139,9 +131,9 @@ def report(_args) -> None:
     classes = sorted({c for per_class in found.values() for c in per_class})
     complete = [c for c in classes if all(c in found.get(name, {}) for name, _, _ in ROWS)]
     lines = [f"One-class CIFAR-10, image AUROC per normal class (`benchmark.py run`; {len(complete)} of 10 classes "
-             "with every row). Mean: over the classes with every row.", "",
-             "| row | " + " | ".join(str(c) for c in classes) + " | mean | minutes per class |",
-             "|---|" + "---|" * (len(classes) + 2)]
+             "with every row). mean: over the classes with every row; own mean: over every class the row has (n).", "",
+             "| row | " + " | ".join(str(c) for c in classes) + " | mean | own mean (n) | minutes per class |",
+             "|---|" + "---|" * (len(classes) + 3)]
     means = {}
     for name, description, _ in ROWS:
         per_class = found.get(name, {})
@@ -149,8 +141,10 @@ def report(_args) -> None:
         done = [per_class[c] for c in complete]
         means[name] = sum(r["image_auroc"] for r in done) / len(done) if done else None
         minutes = sum(r["minutes"] for r in done) / len(done) if done else None
+        own = [r["image_auroc"] for r in per_class.values()]
+        own_mean = f"{sum(own) / len(own):.3f} ({len(own)})" if own else "-"
         lines.append(f"| {name}: {description} | " + " | ".join(cells) +
-                     f" | {'-' if means[name] is None else f'{means[name]:.3f}'} | "
+                     f" | {'-' if means[name] is None else f'{means[name]:.3f}'} | {own_mean} | "
                      f"{'-' if minutes is None else f'{minutes:.1f}'} |")
     for path in sorted(RESULTS.glob("select_e*.json"), key=lambda p: int(p.stem.removeprefix("select_e"))):
         lines += ["", *select_lines(json.loads(path.read_text()))]

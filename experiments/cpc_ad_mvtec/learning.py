@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,9 +39,9 @@ REPO = HERE.parents[1]
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO))
 from anomaly_lab.run import load_weights  # noqa: E402
+from experiments.commands import run  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data"  # paths.data_root holding mvtec/bottle
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 BASE = ["model=cpc_ad", "data=mvtec/bottle"]
 HELD_OUT = 0.2
 # (name, overrides on top of the model config): each fix of issue #19 turned back on its own.
@@ -59,18 +58,6 @@ ABLATION = [
     ("stem=small", ["model.stem=small", "trainer.max_epochs=1"]),
 ]
 README_BEGIN, README_END = "<!-- learning.py: begin -->", "<!-- learning.py: end -->"
-
-
-def run(script: str, overrides: list[str], run_dir: Path, data_root: Path) -> float:
-    """Run train.py or eval.py in run_dir (its log beside it); return the wall time in seconds."""
-    command = [sys.executable, script, *QUIET, *overrides, f"paths.data_root={data_root}",
-               f"paths.cache_dir={run_dir.parent / 'cache'}", f"hydra.run.dir={run_dir}"]  # never into the data
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}", flush=True)
-    started = time.time()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_suffix(".log"), "w") as log:
-        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return time.time() - started
 
 
 def metrics_of(run_dir: Path) -> dict:

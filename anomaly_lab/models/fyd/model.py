@@ -15,22 +15,28 @@ Training (Eq. 5): L = lambda_1 * L_ICA + lambda_2 * L_FAS, end to end.
 
 Scoring (Eq. 6-7): the aligned fine-tuned layers are concatenated per position (upsampled to the
 first layer's resolution), a Gaussian per position is fitted on the training normals
-(`PositionalGaussian`), and the anomaly map is the Mahalanobis distance; the image score is the
-map's maximum. The map lives in the frame of the aligned first layer; it is warped back through the
-inverse of ICA's rotation (composed with the first layer's FCA when that layer has one) so that it
-lines up with the input image and its mask.
+(`PositionalGaussian`, all C1+C2+C3 channels by default), and the anomaly map is the Mahalanobis
+distance. One frame for all layers: each FCA warps its layer and, through the blocks after it, every
+deeper layer, so each layer's features are warped on by the FCAs after it into the frame of the last
+one (the most aligned) before they are concatenated. The map, in that frame, is warped back through
+the inverse of ICA's rotation composed with every FCA so that it lines up with the input image and
+its mask. The image score is the map's maximum (the paper); the map is first smoothed by
+`map_blur_sigma` as PaDiM does (FYD names no smoothing: `map_blur_sigma: 0` takes the maximum of the
+raw distances).
 
 Switches for the ablations (Table 4): `ica`, `fca_layers`, `non_contrastive`; all off is the PaDiM
 baseline on the same backbone (nothing is trained). The distance-variance score of Eq. 8-11
 (`distance_variance: true`) is logged as `test/distance_variance` (Eq. 10 on the training normals;
 Eq. 11 is its mean over categories).
 
-Where the paper is silent (config keys): the number of epochs (`trainer.max_epochs`); `n_features`,
-a random subset of the concatenated channels drawn with `seed` as in PaDiM (100 for ResNet-18, 550
-for Wide-ResNet-50-2; null keeps all, the paper's C1+C2+C3); `covariance_eps` (PaDiM's 0.01);
-`head_dim` and `predictor_hidden` of f and g; the localisation network's widths (`stn_channels`,
-`stn_hidden`, `stn_pool`); the cosine schedule's step (per optimiser step); ICA pads with zeros
-(the normalised mean colour) and the warp-back repeats the map's border.
+Where the paper is silent (config keys): the number of epochs (`trainer.max_epochs`); `n_features`
+(null, the default: all channels, Eq. 6; an integer: PaDiM's random subset drawn with `seed`, 100 for
+ResNet-18 and 550 for Wide-ResNet-50-2, for memory); `covariance_eps` (PaDiM's 0.01); `head_dim` and
+`predictor_hidden` of f and g; the localisation network's widths (`stn_channels`, `stn_hidden`,
+`stn_pool`); the cosine schedule's step (per optimiser step); `stn_padding`, what the spatial
+transformers sample outside their input (`border` by default: with `zeros` a rotation brings dark
+corners in and the alignment losses can fall by moving content out of the frame); the warp-back
+repeats the map's border.
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ class FYD(AnomalyModel):
         stn_channels: Sequence[int] = (8, 16),
         stn_hidden: int = 32,
         stn_pool: int = 4,
-        n_features: int | None = 100,
+        stn_padding: str = "border",
+        n_features: int | None = None,
         covariance_eps: float = 0.01,
         distance_variance: bool = False,
         seed: int = 0,
@@ -93,7 +100,8 @@ class FYD(AnomalyModel):
                 f"model.fca_layers={fca_layers} needs model.non_contrastive=true: FCA is trained only by its loss"
             )
         self.needs_training = ica or non_contrastive  # all off: the PaDiM baseline, nothing to train
-        stn = {"conv_channels": tuple(stn_channels), "hidden": stn_hidden, "pool_size": stn_pool}
+        stn = {"conv_channels": tuple(stn_channels), "hidden": stn_hidden, "pool_size": stn_pool,
+               "padding_mode": stn_padding}
         self.ica = SpatialTransformer(3, kind="rotation", **stn) if ica else None
         self.backbone = AlignedResNet(backbone, backbone_weights, layers, fca_layers, stn)
         self.backbone.requires_grad_(non_contrastive)
@@ -121,17 +129,26 @@ class FYD(AnomalyModel):
         """Concatenated aligned features with the selected channels [B, D, h, w], and the [B, 2, 3]
         map from their positions to the input image's (None when no alignment applies)."""
         aligned, theta = self.align(images)
-        features, fca_thetas = self.backbone(aligned)
+        features, frame = self.in_one_frame(*self.backbone(aligned))
         selected, start = [], 0
         for layer in features:
             end = start + layer.shape[1]
             index = self.channel_index[(self.channel_index >= start) & (self.channel_index < end)] - start
             selected.append(layer.index_select(1, index))
             start = end
-        first = fca_thetas.get(self.backbone.layers[0])
-        if first is not None:
-            theta = first if theta is None else compose_affine(theta, first)
+        if frame is not None:
+            theta = frame if theta is None else compose_affine(theta, frame)
         return concat_pyramid(selected), theta
+
+    def in_one_frame(self, features: list[Tensor], fca_thetas: dict[str, Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """Each layer's features warped by the FCAs after it into the last FCA's frame, and the [B, 2, 3] map
+        from that frame to the ICA-aligned image's (the FCAs composed in order; None without FCA)."""
+        later, in_frame = None, []
+        for name, feature in zip(reversed(self.backbone.layers), reversed(features), strict=True):
+            in_frame.append(feature if later is None else warp(feature, later, self.hparams.stn_padding))
+            if name in fca_thetas:
+                later = fca_thetas[name] if later is None else compose_affine(fca_thetas[name], later)
+        return in_frame[::-1], later
 
     # --- training -------------------------------------------------------------------------------
     def _partner(self, batch_size: int) -> Tensor:

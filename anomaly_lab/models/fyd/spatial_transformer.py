@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from anomaly_lab.errors import ConfigError
 
 TRANSFORM_KINDS = ("rotation", "affine")
+# grid_sample's fill for positions outside the input. With "zeros" a rotation brings dark corners in,
+# and an alignment loss can then be lowered by moving content out of the frame instead of aligning it.
+PADDING_MODES = ("border", "reflection", "zeros")
 
 
 def rotation_matrix(angle: Tensor) -> Tensor:
@@ -56,7 +59,8 @@ class SpatialTransformer(nn.Module):
     """Localisation network + resampler; `forward(x) -> (warped x, theta [B, 2, 3])`.
 
     `kind="rotation"`: the network outputs one angle (FYD's ICA); `kind="affine"`: the 6 entries of
-    the matrix (FYD's FCA). `padding_mode` is that of `grid_sample` for positions outside the input.
+    the matrix (FYD's FCA). `padding_mode` is that of `grid_sample` for positions outside the input
+    (`PADDING_MODES`).
     """
 
     def __init__(
@@ -66,11 +70,13 @@ class SpatialTransformer(nn.Module):
         conv_channels: tuple[int, int] = (8, 16),
         hidden: int = 32,
         pool_size: int = 4,
-        padding_mode: str = "zeros",
+        padding_mode: str = "border",
     ):
         super().__init__()
         if kind not in TRANSFORM_KINDS:
             raise ConfigError(f"spatial transformer kind={kind!r}: expected one of {TRANSFORM_KINDS}")
+        if padding_mode not in PADDING_MODES:
+            raise ConfigError(f"model.stn_padding={padding_mode!r}: expected one of {PADDING_MODES}")
         self.kind = kind
         self.padding_mode = padding_mode
         c1, c2 = conv_channels

@@ -17,6 +17,19 @@ Training schedule (section 3.2): progressive resizing — the batch is downsampl
 test always see the full size. The rotations and flips per category of section 4.1 are albumentations
 `data.train_augmentations` (see conf/experiment/ssae_mvtec.yaml).
 
+Early stopping (section 4.4: Eq. 3 "must rely on early stopping"; the paper gives no criterion):
+with `early_stopping_patience` set, every validation computes the objective on the held-out normals,
+corrupted by a generator reseeded at each validation (the same corruptions every epoch), logged as
+`val/objective`; from the first epoch of the last progressive-resizing stage on (earlier epochs train
+at other sizes), training stops after that many validations without a lower value and ends on the
+best epoch's weights (`EarlyStoppingOnBest`). Only normal images are looked at. With
+`data.val_ratio=0` there are no held-out normals and the fit stops with a ConfigError.
+
+The SDC dilations (`sdc_dilations`: a list, or `auto` = Table 1's rates scaled to `image_size`, see
+network.py) and the corruption's sizes (fractions of the image side, see corruption.py) follow the
+image size, so that a CPU-sized run convolves its maps and corrupts its patches as the paper's 512 px
+run does.
+
 Where the paper is silent (config keys): the optimiser (Adam, `lr`, `weight_decay`), the resizing
 schedule, the patch sizes, deformation strength, shapes and brightness change of the corruption,
 the residual's power (`residual_power`: 1 = |F(X) - X|, as the per-channel L2 norm of a scalar;
@@ -31,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomaly_lab.callbacks import EarlyStoppingOnBest
 from anomaly_lab.data import Batch
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.models.ssae.corruption import PatchCorruption
-from anomaly_lab.models.ssae.network import SsaeNet
+from anomaly_lab.models.ssae.network import SDC_DILATIONS, SsaeNet, sdc_dilations
 from anomaly_lab.models.ssae.objectives import objective_eq1, objective_eq3
 
 
@@ -59,6 +73,17 @@ def training_size(schedule: list[tuple[int, float]], epoch: int, size: Sequence[
     return tuple(max(8, round(side * scale / 8) * 8) for side in size)
 
 
+def resolve_dilations(dilations: Sequence[int] | str, image_size: int | None) -> tuple[int, ...]:
+    """`sdc_dilations`: a list of rates, or "auto" (Table 1's scaled to `image_size`)."""
+    if dilations == "auto":
+        if image_size is None:
+            raise ConfigError("model.sdc_dilations=auto needs model.image_size (conf/model/ssae.yaml: ${data.image_size})")
+        return sdc_dilations(int(image_size))
+    if isinstance(dilations, str) or not dilations or any(int(d) < 1 for d in dilations):
+        raise ConfigError(f"model.sdc_dilations={dilations} must be 'auto' or a list of rates >= 1, e.g. [1, 2, 4, 8, 16]")
+    return tuple(int(d) for d in dilations)
+
+
 class Ssae(AnomalyModel):
     name = "ssae"
 
@@ -71,12 +96,15 @@ class Ssae(AnomalyModel):
         channels: int = 3,
         progressive_resizing: Sequence[Sequence[float]] | None = None,
         patch_size: Sequence[float] = (0.1, 0.4),
-        elastic_alpha: float = 1000.0,
-        elastic_sigma: float = 10.0,
+        elastic_alpha: float = 0.2,
+        elastic_sigma: float = 0.02,
         brightness: float = 0.0,
         shape_vertices: Sequence[int] = (3, 10),
         residual_power: int = 1,
         image_score: str = "max",
+        sdc_dilations: Sequence[int] | str = SDC_DILATIONS,
+        image_size: int | None = None,
+        early_stopping_patience: int | None = None,
         seed: int = 0,
         map_blur_sigma: float = 4.0,
     ):
@@ -89,11 +117,14 @@ class Ssae(AnomalyModel):
             raise ConfigError(f"model.residual_power={residual_power} must be 1 (|F(X) - X|) or 2 (squared)")
         if image_score not in ("max", "mean"):
             raise ConfigError(f"model.image_score={image_score!r} must be 'max' or 'mean' (of the heatmap)")
+        if early_stopping_patience is not None and early_stopping_patience < 1:
+            raise ConfigError(f"model.early_stopping_patience={early_stopping_patience} must be null (off) or >= 1")
         self.save_hyperparameters()
         self.schedule = check_schedule(progressive_resizing)
-        self.net = SsaeNet(channels)
-        self.corruption = PatchCorruption(tuple(patch_size), elastic_alpha, elastic_sigma, brightness,
-                                          tuple(shape_vertices), seed=seed)
+        self.net = SsaeNet(channels, resolve_dilations(sdc_dilations, image_size))
+        corruption = (tuple(patch_size), elastic_alpha, elastic_sigma, brightness, tuple(shape_vertices))
+        self.corruption = PatchCorruption(*corruption, seed=seed)
+        self.validation_corruption = PatchCorruption(*corruption, seed=seed + 1)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -103,13 +134,23 @@ class Ssae(AnomalyModel):
                 f"SSAE reconstructs images in [0, 1], but the data is normalised with mean={list(mean)} "
                 f"std={list(std)}: set data.mean=[0,0,0] and data.std=[1,1,1] (as conf/model/ssae.yaml does)"
             )
+        if self.hparams.early_stopping_patience is not None and getattr(datamodule, "val_ratio", None) == 0:
+            raise ConfigError(
+                "model.early_stopping_patience needs held-out normals to watch, but data.val_ratio=0: set "
+                "data.val_ratio > 0 (e.g. 0.1) or model.early_stopping_patience=null (train every epoch)"
+            )
+
+    def configure_callbacks(self) -> list:
+        patience = self.hparams.early_stopping_patience
+        last_stage = self.schedule[-1][0]  # the objective is watched once training runs at its last size
+        return [] if patience is None else [EarlyStoppingOnBest("val/objective", patience, start_epoch=last_stage)]
 
     def reseed_training(self, seed: int) -> None:
         self.corruption.reseed(seed)
 
-    def loss(self, images: Tensor) -> Tensor:
+    def loss(self, images: Tensor, corruption: PatchCorruption | None = None) -> Tensor:
         """Corrupt the images, reconstruct them and return the configured objective (Eq. 1 or Eq. 3)."""
-        corrupted, mask = self.corruption(images)
+        corrupted, mask = (corruption or self.corruption)(images)
         output = self.net(corrupted)
         if self.hparams.objective == 1:
             return objective_eq1(output, images, mask, self.hparams.lam)
@@ -126,10 +167,27 @@ class Ssae(AnomalyModel):
         self.log("train/size", float(size[0]), on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.validation_corruption.reseed(self.hparams.seed + 1)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor | None]:
+        """The base's scoring (thresholds), and during fitting the objective on the held-out normals, corrupted
+        the same way at every validation: what early stopping watches."""
+        if self.trainer.state.fn == "fit":
+            normal = batch.image[batch.label == 0]
+            if len(normal):
+                self.log("val/objective", self.loss(normal, self.validation_corruption), on_epoch=True,
+                         sync_dist=True, batch_size=len(normal))
+        return super().validation_step(batch, batch_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def score(self, images: Tensor) -> ScoreOutput:
-        residual = (self.net(images) - images).abs().pow(self.hparams.residual_power).mean(dim=1, keepdim=True)
+        """The residual map in float32, whatever the trainer's precision (bf16 would round the residuals
+        to 3 significant digits and tie close scores)."""
+        with torch.autocast(images.device.type, enabled=False):
+            images = images.float()
+            residual = (self.net(images) - images).abs().pow(self.hparams.residual_power).mean(dim=1, keepdim=True)
         image_score = residual.flatten(1).mean(dim=1) if self.hparams.image_score == "mean" else None
         return ScoreOutput(image_score=image_score, anomaly_map=residual)
