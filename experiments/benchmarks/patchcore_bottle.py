@@ -3,8 +3,10 @@
     python experiments/benchmarks/patchcore_bottle.py [--data-root DIR] [--quick] [--seeds 0 1 2]
                                                       [--peer-seeds 0] [--skip-peer]
 
-Both: ResNet-18 layers 2 and 3 at random initialisation (no weights offline), 256 x 256, coreset
-ratio 0.1, 9 neighbours for the re-weighting, batch size 16, the same loader workers. Each run is a
+Both: ResNet-18 layers 2 and 3 at random initialisation (no weights offline), the same weights on
+both sides (torchvision's draw for the seed, loaded into anomalib's timm extractor), 256 x 256, every
+training normal in the bank, coreset ratio 0.1, 9 neighbours for the re-weighting, batch size 16, the
+same loader workers. Each run is a
 fresh interpreter (measure.py: peak memory per run), one at a time:
 - ours: our datamodule, Trainer and Evaluator: validate (memory bank + coreset, then thresholds),
   then test, timed; the coreset selection timed on its own;
@@ -12,7 +14,8 @@ fresh interpreter (measure.py: peak memory per run), one at a time:
   timed; its KCenterGreedy selection timed on its own.
 anomalib's selection takes about an hour on 2 cores, so it runs for `--peer-seeds` (default: seed 0
 only) and ours for every seed of `--seeds`; means over each one's seeds. Writes
-results/patchcore_bottle.json (every figure) and results/patchcore_bottle.md.
+results/patchcore_bottle.json (every figure) and results/patchcore_bottle.md (with --quick:
+patchcore_bottle_quick.*).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import statistics
 import sys
 import tempfile
@@ -64,6 +68,7 @@ class Stopwatch:
 
 def ours(category_dir: str, seed: int, num_workers: int) -> dict:
     import pytorch_lightning as pl
+    import torch
 
     import anomaly_lab.models.patchcore as patchcore
     from anomaly_lab.data import MVTecDataModule
@@ -72,8 +77,11 @@ def ours(category_dir: str, seed: int, num_workers: int) -> dict:
     category_dir = Path(category_dir)
     pl.seed_everything(seed, verbose=False)
     coreset = Stopwatch(patchcore, "greedy_coreset")
-    datamodule = MVTecDataModule(category_dir.parent, category_dir.name, image_size=IMAGE_SIZE,
+    # val_ratio=0: every training normal goes into the bank, as in anomalib (thresholds then come from
+    # the training normals; the AUROCs do not use them).
+    datamodule = MVTecDataModule(category_dir.parent, category_dir.name, image_size=IMAGE_SIZE, val_ratio=0,
                                  batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed, cache="none")
+    torch.manual_seed(seed)  # the backbone's random weights: the same draw as the peer's (backbone_weights)
     model = patchcore.Patchcore(backbone="resnet18", backbone_weights=None, coreset_ratio=CORESET_RATIO,
                                 num_neighbors=NEIGHBOURS, seed=seed)
     evaluator = Evaluator()
@@ -90,6 +98,7 @@ def ours(category_dir: str, seed: int, num_workers: int) -> dict:
         "pixel_auroc": evaluator.results["pixel_auroc"],
         "pixel_aupro": evaluator.results["pixel_aupro"],
         "train_images": len(datamodule.normal_set),
+        "backbone_checksum": checksum(model.extractor.state_dict()),
         "bank_size": len(model.memory_bank),
         "fit_seconds": model.fit_normal_seconds,
         "coreset_seconds": coreset.seconds,
@@ -115,6 +124,16 @@ def peer(category_dir: str, seed: int, num_workers: int) -> dict:
     # anomalib's default pre-processor resizes to 256 x 256, as ours; no visualizer on either side.
     model = Patchcore(backbone="resnet18", pre_trained=False, layers=("layer2", "layer3"),
                       coreset_sampling_ratio=CORESET_RATIO, num_neighbors=NEIGHBOURS, visualizer=False)
+    # timm's random initialisation is not torchvision's (it zeroes each block's last batch-norm scale):
+    # give anomalib's extractor the weights ours draws, so that the two differ only in what follows it.
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    extractor = model.model.feature_extractor.feature_extractor
+    missing, unexpected = extractor.load_state_dict(resnet18().state_dict(), strict=False)
+    if missing or any(not key.startswith(("fc.", "layer4.")) for key in unexpected):
+        raise RuntimeError(f"torchvision's ResNet-18 does not fit anomalib's extractor: {missing} {unexpected}")
     with tempfile.TemporaryDirectory() as workdir:
         no_checkpoints = ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False)
         engine = Engine(accelerator="cpu", devices=1, default_root_dir=workdir, callbacks=[no_checkpoints],
@@ -131,6 +150,7 @@ def peer(category_dir: str, seed: int, num_workers: int) -> dict:
         "image_auroc": results["image_AUROC"],
         "pixel_auroc": results.get("pixel_AUROC"),
         "train_images": len(datamodule.train_data),
+        "backbone_checksum": checksum(extractor.state_dict()),
         "bank_size": len(model.model.memory_bank),
         "fit_seconds": fit_seconds,
         "coreset_seconds": coreset.seconds,
@@ -138,6 +158,12 @@ def peer(category_dir: str, seed: int, num_workers: int) -> dict:
         "test_images_per_second": test_images / test_seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def checksum(state: dict) -> float:
+    """The sum of every weight of conv1 to layer 3 (ours are prefixed `body.`): equal when the backbones are."""
+    return float(sum(value.double().sum() for key, value in state.items()
+                     if key.endswith("weight") and not key.removeprefix("body.").startswith(("fc.", "layer4."))))
 
 
 def main() -> None:
@@ -160,8 +186,10 @@ def main() -> None:
         if args.quick:
             category_dir = subset_category(category_dir, Path(scratch) / category_dir.name)
         arguments = {"category_dir": str(category_dir), "num_workers": NUM_WORKERS}
-        runs = {"ours": [run_task(__file__, "ours", seed=s, **arguments) for s in seeds],
-                "peer": [] if args.skip_peer else [run_task(__file__, "peer", seed=s, **arguments) for s in peer_seeds]}
+        # anomalib first: its hour-long run fails, if at all, before ours are spent.
+        runs = {"peer": [] if args.skip_peer else [logged(run_task(__file__, "peer", seed=s, **arguments))
+                                                   for s in peer_seeds],
+                "ours": [logged(run_task(__file__, "ours", seed=s, **arguments)) for s in seeds]}
     machine["load_average_end"] = load_average()
     record = {
         "benchmark": "PatchCore, ResNet-18 layers 2-3 at random initialisation, 256 px, coreset ratio 0.1, "
@@ -177,7 +205,13 @@ def main() -> None:
         "peer": summarise(runs["peer"]) if runs["peer"] else None,
     }
     record["goals"] = goals(record["ours"], record["peer"])
-    write_results("patchcore_bottle", record, render_markdown(record))
+    name = "patchcore_bottle_quick" if args.quick else "patchcore_bottle"
+    write_results(name, record, render_markdown(record, name))
+
+
+def logged(run: dict) -> dict:
+    print(json.dumps(run), flush=True)  # each run's figures as soon as it ends
+    return run
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -186,7 +220,7 @@ def summarise(runs: list[dict]) -> dict:
                if runs[0].get(key) is not None}
     summary.update({key: statistics.median(r[key] for r in runs)
                     for key in ("fit_seconds", "coreset_seconds", "test_images_per_second")})
-    summary.update(peak_rss_mb=max(r["peak_rss_mb"] for r in runs), train_images=runs[0]["train_images"],
+    summary.update(peak_rss_mb=max(r["peak_rss_mb"] for r in runs), train_images=runs[0]["train_images"], backbone_checksum=runs[0]["backbone_checksum"],
                    bank_size=runs[0]["bank_size"], runs=runs)
     return summary
 
@@ -208,7 +242,7 @@ def goals(ours: dict, peer: dict | None) -> list[dict]:
     ]
 
 
-def render_markdown(record: dict) -> str:
+def render_markdown(record: dict, name: str) -> str:
     ours, peer, setup, machine = record["ours"], record["peer"], record["setup"], record["machine"]
 
     def row(label: str, key: str, fmt: str) -> list[str]:
@@ -224,13 +258,14 @@ def render_markdown(record: dict) -> str:
         f"{setup['coreset_ratio']}, {setup['num_neighbors']} neighbours, batch size {setup['batch_size']}, "
         f"{setup['num_workers']} loader workers for both. Ours: seeds {setup['seeds']}; anomalib: seeds "
         f"{setup['peer_seeds'] or 'not run'}. Written by `experiments/benchmarks/patchcore_bottle.py`; every number "
-        "is in `patchcore_bottle.json`.",
+        f"is in `{name}.json`.",
         "",
         *markdown_table(["", "anomaly-lab", "anomalib"], [
             row("image AUROC, mean over seeds", "image_auroc", ".3f"),
             row("pixel AUROC, mean over seeds", "pixel_auroc", ".3f"),
             [*row("AUPRO (FPR up to 0.3), mean over seeds", "pixel_aupro", ".3f")[:2], "not computed"],
             row("training images", "train_images", "d"),
+            row("backbone checksum, first seed (equal: the same random weights)", "backbone_checksum", ".4f"),
             row("memory bank after the coreset (patches)", "bank_size", "d"),
             row("fit: features + coreset (+ neighbourhoods, ours), median s", "fit_seconds", ".1f"),
             row("coreset selection alone, median s", "coreset_seconds", ".1f"),
