@@ -31,7 +31,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) experiments/benchmarks/run.py $(ARGS)
 	$(PY) experiments/benchmarks/cache_bottle.py
-	$(PY) experiments/benchmarks/patchcore_bottle.py
+	$(PY) experiments/benchmarks/patchcore_bottle.py $(ARGS)
 
 # The comparison report of a sweep folder: RUN=logs/train/multiruns/<time> (default: the newest one);
 # ARGS passes options, e.g. ARGS="report.wandb=true".
