@@ -101,7 +101,8 @@ def test_scores_follow_equations_6_and_7(fitted):
         support = torch.cdist(bank[anchor][None], bank)[0].topk(9, largest=False).indices  # N_b(m*), m* first
         to_support = (bank[support] - patch_features[position]).norm(dim=1)
         expected = (1 - to_support[0].exp() / to_support.exp().sum()) * s_star  # Eq. 7
-        assert float(out.image_score[image]) == pytest.approx(float(expected), rel=1e-4)
+        # float32 distances from ||x||^2 + ||y||^2 - 2xy against float64 cdist: up to ~1e-3 relative
+        assert float(out.image_score[image]) == pytest.approx(float(expected), rel=2e-3)
 
 
 def test_one_neighbour_scores_the_largest_patch_distance(fitted):
