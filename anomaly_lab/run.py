@@ -32,6 +32,7 @@ from rich.table import Table
 
 from anomaly_lab.callbacks import ResultsWriter, git_commit
 from anomaly_lab.errors import AnomalyLabError, ConfigError
+from anomaly_lab.hardware import fast_mixed_precision
 from anomaly_lab.models import AnomalyModel
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated 
 # every run: neither concerns our users.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
+# `trainer.precision: ${fast_mixed_precision:${trainer.accelerator}}` picks bf16 only where it is native.
+OmegaConf.register_new_resolver("fast_mixed_precision", fast_mixed_precision, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -37,13 +37,15 @@ SMALL = ["data.n_train=24", "data.n_test_good=6", "data.n_test_per_defect=4"]  #
 # others learn from batches that DDP composes otherwise (each device draws its 4 images from its half
 # of the shuffled set; batch norm and in-batch pairs or negatives see per-device batches): other
 # weights, as another seed would give, so their metrics are compared with a tolerance of about the
-# spread between seeds (CPC-AD's image AUROC here: 0.85 to 0.96).
+# spread between seeds. CPC-AD's image AUROC here, one process: 0.660 to 0.773 over seeds 0-4, and 0.667
+# or 0.703 for seed 0 alone (its CPU training is not bitwise reproducible); one CI run gave 0.573 in one
+# process against 0.733 under DDP.
 MODELS = {
     "padim": Setting([*SMALL, "data.image_size=64"], ("image_auroc", "pixel_auroc", "pixel_aupro"), 1e-5),
     # PatchCore too: the gathered features are the same on every device, so is the greedy selection.
     "patchcore": Setting([*SMALL, "data.image_size=64"], ("image_auroc", "pixel_auroc", "pixel_aupro"), 1e-5),
     "fyd": Setting([*SMALL, "data.image_size=64", "trainer.max_epochs=2"], ("image_auroc", "pixel_auroc"), 0.05),
-    "cpc_ad": Setting(["data.image_size=64", "trainer.max_epochs=8"], ("image_auroc",), 0.15,  # 60 images
+    "cpc_ad": Setting(["data.image_size=64", "trainer.max_epochs=8"], ("image_auroc",), 0.25,  # 60 images
                       refit_tolerance=1e-3),
     "ssae": Setting([*SMALL, "data.image_size=32", "trainer.max_epochs=2"], ("pixel_auroc",), 0.05),
     # One-vs-all on gratings of ten orientations (tests/test_anomem.py), 40 test images. On this toy, after

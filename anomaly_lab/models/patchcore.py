@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from anomaly_lab.errors import ConfigError
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
 from anomaly_lab.nn.backbones import FeatureExtractor, resnet_layers
+from anomaly_lab.nn.buffers import take_checkpoint_shapes
 from anomaly_lab.nn.coreset import greedy_coreset, nearest_neighbours
 
 
@@ -137,10 +138,7 @@ class Patchcore(AnomalyModel):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The buffers are empty until fitted: take the shapes of the checkpoint's tensors.
-        for name in ("memory_bank", "support_index"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        take_checkpoint_shapes(self, state_dict, prefix, ("memory_bank", "support_index"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -61,17 +61,17 @@ def greedy_coreset(points: Tensor, size: int, start: int = 0, block_size: int | 
     for step in range(1, size):
         while True:
             _, block = queue[0]
+            rows = slice(starts[block], starts[block] + block_size)
+            block_distances = distances[rows]  # a view: updated in place
             if applied[block] == step:
                 break
-            rows = slice(starts[block], starts[block] + block_size)
-            block_distances = distances[rows]
             for first in range(applied[block], step, CENTER_CHUNK):
                 last = min(first + CENTER_CHUNK, step)
                 nearest = squared_distances(points[rows], center_points[first:last], center_norms[first:last]).amin(dim=1)
                 torch.minimum(block_distances, nearest, out=block_distances)
             applied[block] = step
             heapq.heapreplace(queue, (-block_distances.max().item(), block))
-        farthest = starts[block] + int(distances[starts[block]: starts[block] + block_size].argmax())
+        farthest = starts[block] + int(block_distances.argmax())
         centers[step] = farthest
         distances[farthest] = -1.0  # chosen: never again, even where rounding leaves its distance above 0
         center_points[step], center_norms[step] = points[farthest], squared_norms[farthest]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from anomaly_lab.nn.buffers import take_checkpoint_shapes
+
 
 class PositionalGaussian(nn.Module):
     """One Gaussian per spatial position, fitted by streaming sums.
@@ -94,8 +96,5 @@ class PositionalGaussian(nn.Module):
         return squared.clamp_min(0).sqrt().T.reshape(batch, height, width)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The buffers are empty until fitted: take the shapes of the checkpoint's tensors.
-        for name in ("mean", "inv_covariance"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        take_checkpoint_shapes(self, state_dict, prefix, ("mean", "inv_covariance"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

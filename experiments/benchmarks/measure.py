@@ -302,28 +302,42 @@ class BareImages:
         return normalised_tensor(decode_resize(self.paths[index], self.size))
 
 
-def peer(category_dir: str, seed: int, num_workers: int) -> dict:
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
+def anomalib_mvtec(category_dir: str, seed: int, num_workers: int):
+    """anomalib's MVTecAD datamodule for one category folder, after seeding every generator with `seed`."""
     from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
-    from anomalib.models import Padim
     from lightning.pytorch import seed_everything
 
     category_dir = Path(category_dir)
     seed_everything(seed, verbose=False)
-    datamodule = MVTecAD(root=category_dir.parent, category=category_dir.name, train_batch_size=BATCH_SIZE,
-                         eval_batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
-    # Our benchmark runs no visualizer either; anomalib's default pre-processor resizes to 256 x 256.
-    model = Padim(backbone="resnet18", pre_trained=False, n_features=N_FEATURES, visualizer=False)
-    baseline = peak_rss_mb()
+    return MVTecAD(root=category_dir.parent, category=category_dir.name, train_batch_size=BATCH_SIZE,
+                   eval_batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
+
+
+def anomalib_fit_and_test(model, datamodule) -> tuple[dict, float, float]:
+    """anomalib's Engine on the CPU, without checkpoints or progress output: (test results, fit s, test s)."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+    from anomalib.engine import Engine
+
     with tempfile.TemporaryDirectory() as workdir:
         no_checkpoints = ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False)
         engine = Engine(accelerator="cpu", devices=1, default_root_dir=workdir, callbacks=[no_checkpoints],
                         enable_progress_bar=False, enable_model_summary=False)
+        start = time.perf_counter()
         engine.fit(model, datamodule=datamodule)
+        fit_seconds = time.perf_counter() - start
         start = time.perf_counter()
         results = engine.test(model, datamodule=datamodule, verbose=False)[0]
-        test_seconds = time.perf_counter() - start
+        return results, fit_seconds, time.perf_counter() - start
+
+
+def peer(category_dir: str, seed: int, num_workers: int) -> dict:
+    from anomalib.models import Padim
+
+    datamodule = anomalib_mvtec(category_dir, seed, num_workers)
+    # Our benchmark runs no visualizer either; anomalib's default pre-processor resizes to 256 x 256.
+    model = Padim(backbone="resnet18", pre_trained=False, n_features=N_FEATURES, visualizer=False)
+    baseline = peak_rss_mb()
+    results, _, test_seconds = anomalib_fit_and_test(model, datamodule)
     test_images = len(datamodule.test_data)
     return {
         "seed": seed,

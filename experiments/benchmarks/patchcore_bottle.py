@@ -34,6 +34,8 @@ from measure import (
     BATCH_SIZE,
     BOTTLE,
     IMAGE_SIZE,
+    anomalib_fit_and_test,
+    anomalib_mvtec,
     entry_point,
     load_average,
     machine_info,
@@ -109,41 +111,24 @@ def ours(category_dir: str, seed: int, num_workers: int) -> dict:
 
 
 def peer(category_dir: str, seed: int, num_workers: int) -> dict:
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
+    import torch
     from anomalib.models import Patchcore
     from anomalib.models.components.sampling import KCenterGreedy
-    from lightning.pytorch import seed_everything
+    from torchvision.models import resnet18
 
-    category_dir = Path(category_dir)
-    seed_everything(seed, verbose=False)
+    datamodule = anomalib_mvtec(category_dir, seed, num_workers)
     coreset = Stopwatch(KCenterGreedy, "sample_coreset")
-    datamodule = MVTecAD(root=category_dir.parent, category=category_dir.name, train_batch_size=BATCH_SIZE,
-                         eval_batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed)
     # anomalib's default pre-processor resizes to 256 x 256, as ours; no visualizer on either side.
     model = Patchcore(backbone="resnet18", pre_trained=False, layers=("layer2", "layer3"),
                       coreset_sampling_ratio=CORESET_RATIO, num_neighbors=NEIGHBOURS, visualizer=False)
     # timm's random initialisation is not torchvision's (it zeroes each block's last batch-norm scale):
     # give anomalib's extractor the weights ours draws, so that the two differ only in what follows it.
-    import torch
-    from torchvision.models import resnet18
-
     torch.manual_seed(seed)
     extractor = model.model.feature_extractor.feature_extractor
     missing, unexpected = extractor.load_state_dict(resnet18().state_dict(), strict=False)
     if missing or any(not key.startswith(("fc.", "layer4.")) for key in unexpected):
         raise RuntimeError(f"torchvision's ResNet-18 does not fit anomalib's extractor: {missing} {unexpected}")
-    with tempfile.TemporaryDirectory() as workdir:
-        no_checkpoints = ModelCheckpoint(dirpath=workdir, save_top_k=0, save_last=False)
-        engine = Engine(accelerator="cpu", devices=1, default_root_dir=workdir, callbacks=[no_checkpoints],
-                        enable_progress_bar=False, enable_model_summary=False)
-        start = time.perf_counter()
-        engine.fit(model, datamodule=datamodule)
-        fit_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
-        test_seconds = time.perf_counter() - start
+    results, fit_seconds, test_seconds = anomalib_fit_and_test(model, datamodule)
     test_images = len(datamodule.test_data)
     return {
         "seed": seed,

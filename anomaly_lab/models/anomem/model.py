@@ -70,6 +70,7 @@ from anomaly_lab.models.anomem.memory import NORMS, HopfieldMemory, UsageMonitor
 from anomaly_lab.models.anomem.networks import DistanceHead, ResNetStages, resolve_stem
 from anomaly_lab.models.anomem.prototypes import kmeans, nearest_prototype
 from anomaly_lab.models.base import AnomalyModel, ScoreOutput
+from anomaly_lab.nn.buffers import take_checkpoint_shapes
 from anomaly_lab.nn.contrastive import nt_xent
 from anomaly_lab.seeding import derive_seed
 
@@ -203,9 +204,7 @@ class AnoMem(AnomalyModel):
             raise ConfigError(f"model.stage1_ckpt={path}: its tensors do not fit this model ({error})") from None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("linear_weight", "linear_bias"):  # the probe's size is only known once fitted
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        take_checkpoint_shapes(self, state_dict, prefix, ("linear_weight", "linear_bias"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- prototypes and deviations ----------------------------------------------------------------

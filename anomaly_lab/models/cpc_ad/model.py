@@ -55,6 +55,7 @@ from anomaly_lab.models.cpc_ad.encoder import PreActResNet18
 from anomaly_lab.models.cpc_ad.info_nce import DIRECTIONS, directional_info_nce
 from anomaly_lab.models.cpc_ad.patches import grid_size, no_shared_pixel_skip, unfold_patches
 from anomaly_lab.models.cpc_ad.scores import IMAGE_SCORES, image_scores, subpatch_map
+from anomaly_lab.nn.buffers import take_checkpoint_shapes
 
 
 def per_direction(tensor: Tensor) -> Tensor:
@@ -192,7 +193,7 @@ class CPCAD(AnomalyModel):
         if key in state_dict:  # the bank's size is known only once fitted
             if state_dict[key].dim() == 2:  # [M, D], one encoder, before separate_encoders
                 state_dict[key] = state_dict[key].unsqueeze(0)
-            self.negative_bank = torch.empty_like(state_dict[key])
+        take_checkpoint_shapes(self, state_dict, prefix, ("negative_bank",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def test_negatives(self, grids_shape: torch.Size) -> Tensor:
