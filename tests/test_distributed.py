@@ -79,10 +79,18 @@ def data_dir(data_root: Path, settings: list[str]) -> Path:
     return data_root / ("small" if SMALL[0] in settings else "full")
 
 
-def run_train(args: list[str], log_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={log_dir}"],
-                          cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
-                          capture_output=True, text=True, timeout=600)
+def run_train(args: list[str], log_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """train.py in its own process group: on a timeout every process it started (DDP's rank 1 too) is killed."""
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={log_dir}"],
+                               cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def only_run_folder(log_dir: Path) -> Path:
